@@ -1,0 +1,40 @@
+"""``python -m service`` / ``inference-gateway``: parse config, set up telemetry, serve."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from service.config import Settings
+from service.errors import ConfigError
+
+
+def main() -> int:
+    """Entry point; exit code 2 on bad configuration."""
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is noise
+    from service.server import serve
+
+    try:
+        import uvloop
+    except ImportError:  # optional: the stdlib loop works, only slower
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+    try:
+        runner(serve(settings))
+    except ConfigError as exc:
+        logging.getLogger("service").error("configuration error: %s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

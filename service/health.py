@@ -1,0 +1,249 @@
+"""Per-provider runtime state: health, circuit breaker, warmth, counters, and the health monitor.
+
+The router reads this state to order and skip providers; the Health RPC and grpc.health.v1 report
+it. Scale-to-zero providers (Modal) are special in one way: *any* HTTP request, a health probe
+included, starts a replica and resets its idle timer. So the monitor probes them only while real
+traffic has been seen within the scale-down window; otherwise periodic probes would keep a GPU
+running (and billing) forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from service.providers.base import HealthReport, Provider
+
+log = logging.getLogger(__name__)
+
+
+class HealthState(enum.Enum):
+    """Last observed health."""
+
+    UNKNOWN = "unknown"
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+
+
+class CircuitState(enum.Enum):
+    """Circuit breaker states."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class Warmth(enum.Enum):
+    """Cold-start state of a scale-to-zero provider."""
+
+    NOT_APPLICABLE = "n/a"
+    COLD = "cold"
+    WARMING = "warming"
+    WARM = "warm"
+
+
+class CircuitBreaker:
+    """Opens after ``threshold`` consecutive failures (or one auth failure); after ``cooldown_s``
+    lets exactly one probe call through (half-open); that call's outcome closes or reopens it."""
+
+    def __init__(self, threshold: int, cooldown_s: float,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_transition: Callable[[CircuitState, CircuitState, str], None] | None = None) -> None:
+        self.threshold = threshold
+        self.cooldown_s = cooldown_s
+        self._clock = clock
+        self._opened_at: float | None = None
+        self._probe_in_flight = False
+        self.consecutive_failures = 0
+        self.on_transition = on_transition
+
+    @property
+    def state(self) -> CircuitState:
+        """CLOSED, OPEN, or HALF_OPEN once the cooldown has passed."""
+        if self._opened_at is None:
+            return CircuitState.CLOSED
+        if self._clock() - self._opened_at >= self.cooldown_s:
+            return CircuitState.HALF_OPEN
+        return CircuitState.OPEN
+
+    @property
+    def retry_at(self) -> float | None:
+        """Monotonic time when a probe is allowed, if open."""
+        return None if self._opened_at is None else self._opened_at + self.cooldown_s
+
+    def allow(self) -> bool:
+        """Whether a call may go to the provider now (claims the half-open probe)."""
+        state = self.state
+        if state is CircuitState.CLOSED:
+            return True
+        if state is CircuitState.HALF_OPEN and not self._probe_in_flight:
+            self._probe_in_flight = True
+            return True
+        return False
+
+    def record_success(self) -> None:
+        """Closes the circuit."""
+        before = self.state
+        self.consecutive_failures = 0
+        self._opened_at = None
+        self._probe_in_flight = False
+        if before is not CircuitState.CLOSED:
+            self._notify(before, CircuitState.CLOSED, "success")
+
+    def record_failure(self, *, force_open: bool = False, reason: str = "") -> None:
+        """Counts a failure; opens on the threshold, on a failed probe, or when forced."""
+        before = self.state
+        self.consecutive_failures += 1
+        self._probe_in_flight = False
+        if force_open or before is not CircuitState.CLOSED or self.consecutive_failures >= self.threshold:
+            self._opened_at = self._clock()
+            if before is not CircuitState.OPEN:
+                self._notify(before, CircuitState.OPEN, reason)
+
+    def release_probe(self) -> None:
+        """Gives back a half-open probe that ended without a verdict (cancelled, caller error)."""
+        self._probe_in_flight = False
+
+    def _notify(self, before: CircuitState, after: CircuitState, reason: str) -> None:
+        log.warning("circuit %s -> %s (%s)", before.value, after.value, reason)
+        if self.on_transition is not None:
+            self.on_transition(before, after, reason)
+
+
+@dataclass
+class Counters:
+    """Per-provider totals since start."""
+
+    attempts: int = 0
+    successes: int = 0
+    failures: int = 0
+    skips: int = 0
+
+
+@dataclass
+class ProviderSlot:
+    """One provider in the chain and everything observed about it."""
+
+    provider: Provider
+    position: int
+    breaker: CircuitBreaker
+    scaledown_window_s: float
+    state: HealthState = HealthState.UNKNOWN
+    last_check_wall: float | None = None
+    last_latency_s: float | None = None
+    last_error: str = ""
+    served_models: list[str] = field(default_factory=list)
+    last_traffic_ok: float | None = None  # monotonic time of the last served call
+    last_probe_ok: float | None = None  # monotonic time of the last healthy probe
+    waker: asyncio.Task[None] | None = None
+    counters: Counters = field(default_factory=Counters)
+
+    @property
+    def name(self) -> str:
+        """The provider's chain name."""
+        return self.provider.name
+
+    def warmth(self, now: float | None = None) -> Warmth:
+        """WARM while a success happened within the scale-down window; WARMING while waking."""
+        if not self.provider.scale_to_zero:
+            return Warmth.NOT_APPLICABLE
+        if self.waker is not None and not self.waker.done():
+            return Warmth.WARMING
+        now = time.monotonic() if now is None else now
+        last = max(self.last_traffic_ok or -1e18, self.last_probe_ok or -1e18)
+        return Warmth.WARM if now - last < self.scaledown_window_s else Warmth.COLD
+
+    def record_report(self, report: HealthReport) -> None:
+        """Stores a probe's outcome."""
+        self.last_check_wall = time.time()
+        self.last_latency_s = report.latency_s
+        if report.served_models:
+            self.served_models = report.served_models
+        if report.ok:
+            self.state = HealthState.HEALTHY
+            self.last_error = ""
+            self.last_probe_ok = time.monotonic()
+        else:
+            self.state = HealthState.UNHEALTHY
+            self.last_error = report.error
+
+    def record_success(self) -> None:
+        """A call was served."""
+        self.counters.successes += 1
+        self.last_traffic_ok = time.monotonic()
+        self.state = HealthState.HEALTHY
+        self.last_error = ""
+        self.breaker.record_success()
+
+    def record_failure(self, message: str, *, force_open: bool, reason: str) -> None:
+        """A call failed for a provider reason (not the caller's)."""
+        self.counters.failures += 1
+        self.last_error = message
+        self.breaker.record_failure(force_open=force_open, reason=reason)
+        if self.breaker.state is not CircuitState.CLOSED:
+            self.state = HealthState.UNHEALTHY
+
+
+class HealthMonitor:
+    """Validates providers at startup, then probes them every ``interval_s``."""
+
+    def __init__(self, slots: list[ProviderSlot], interval_s: float, timeout_s: float,
+                 on_change: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.slots = slots
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self.on_change = on_change
+        self._task: asyncio.Task[None] | None = None
+
+    async def check(self, slot: ProviderSlot) -> None:
+        """Probes one provider and records the outcome."""
+        try:
+            report = await slot.provider.check_health(self.timeout_s)
+        except Exception as exc:  # a probe must never kill the monitor
+            report = HealthReport(False, 0.0, error=f"probe crashed: {type(exc).__name__}: {exc}")
+        before = slot.state
+        slot.record_report(report)
+        if before is not slot.state:
+            log.info("provider %s is %s%s", slot.name, slot.state.value,
+                     f" ({slot.last_error})" if slot.last_error else "")
+
+    def should_probe(self, slot: ProviderSlot, now: float) -> bool:
+        """Scale-to-zero providers are probed only while traffic keeps them warm anyway."""
+        if not slot.provider.scale_to_zero:
+            return True
+        if slot.warmth(now) is Warmth.WARMING:
+            return False
+        return slot.last_traffic_ok is not None and now - slot.last_traffic_ok < slot.scaledown_window_s
+
+    async def check_all(self, *, initial: bool = False) -> None:
+        """Probes every provider concurrently (at startup, scale-to-zero ones included once)."""
+        now = time.monotonic()
+        due = [s for s in self.slots if initial or self.should_probe(s, now)]
+        await asyncio.gather(*(self.check(s) for s in due))
+        if self.on_change is not None:
+            await self.on_change()
+
+    async def _run(self) -> None:
+        while True:
+            # A little jitter keeps several gateway replicas from probing in lockstep.
+            await asyncio.sleep(self.interval_s * random.uniform(0.9, 1.1))
+            await self.check_all()
+
+    def start(self) -> None:
+        """Starts periodic probing."""
+        self._task = asyncio.create_task(self._run(), name="health-monitor")
+
+    async def stop(self) -> None:
+        """Stops periodic probing."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None

@@ -1,0 +1,163 @@
+"""The provider protocol and the domain types every provider speaks.
+
+A provider turns a :class:`ChatRequest` into either a :class:`ChatResult` (unary) or an async
+stream of text deltas (``str``) ending with one :class:`StreamEnd`. Providers know nothing of gRPC;
+they raise only :mod:`service.errors` types. Adding a provider is one file plus one line in
+:mod:`service.providers.registry`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+Role = Literal["system", "user", "assistant"]
+
+
+class FinishReason(enum.Enum):
+    """Why generation stopped, normalised across providers."""
+
+    UNSPECIFIED = "unspecified"
+    STOP = "stop"
+    LENGTH = "length"
+    TOOL_CALLS = "tool_calls"
+    CONTENT_FILTER = "content_filter"
+    ABORT = "abort"
+
+
+_OPENAI_FINISH = {
+    "stop": FinishReason.STOP,
+    "length": FinishReason.LENGTH,
+    "tool_calls": FinishReason.TOOL_CALLS,
+    "function_call": FinishReason.TOOL_CALLS,
+    "content_filter": FinishReason.CONTENT_FILTER,
+    "abort": FinishReason.ABORT,
+}
+
+
+def finish_reason_from_openai(value: str | None) -> FinishReason:
+    """Maps an OpenAI/vLLM ``finish_reason`` string to :class:`FinishReason`."""
+    if value is None:
+        return FinishReason.UNSPECIFIED
+    return _OPENAI_FINISH.get(value, FinishReason.UNSPECIFIED)
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """One conversation turn."""
+
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """A validated chat request.
+
+    Attributes:
+        messages: The conversation, oldest first.
+        model: The model to ask for; ``None`` means the provider's configured default.
+        max_tokens: Upper bound on generated tokens (always set: the servicer fills the default).
+    """
+
+    messages: tuple[ChatMessage, ...]
+    model: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int = 512
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts of one completion."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        """prompt + completion."""
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class ChatResult:
+    """A complete answer from one provider."""
+
+    id: str
+    model: str
+    content: str
+    finish_reason: FinishReason
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnd:
+    """The last item of a provider stream: everything but the text."""
+
+    id: str
+    model: str
+    finish_reason: FinishReason
+    usage: Usage
+
+
+StreamItem = str | StreamEnd
+
+
+@dataclass(slots=True)
+class HealthReport:
+    """The outcome of one health probe.
+
+    Attributes:
+        ok: The endpoint answered healthy.
+        latency_s: How long the probe took.
+        served_models: Model ids the endpoint reports, if it reports any.
+        error: Why the probe failed; empty when ``ok``.
+    """
+
+    ok: bool
+    latency_s: float
+    served_models: list[str] = field(default_factory=list)
+    error: str = ""
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """What the router needs from an upstream.
+
+    Attributes:
+        name: The provider's name in the chain (``modal``, ``vastai``, ``anthropic``, ``local``).
+        kind: The kind of upstream (``vllm``, ``anthropic``, ``llama.cpp``).
+        endpoint: Base URL without credentials, for Health and traces.
+        default_model: The model used when a request names none.
+        scale_to_zero: The upstream stops when idle and cold-starts on demand (Modal).
+    """
+
+    name: str
+    kind: str
+    endpoint: str
+    default_model: str
+    scale_to_zero: bool
+
+    async def start(self) -> None:
+        """Prepares the provider (pools, subprocesses); called once before traffic."""
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        """Returns one complete answer or raises a :class:`service.errors.ProviderError`."""
+
+    def stream(self, request: ChatRequest) -> AsyncIterator[StreamItem]:
+        """Yields text deltas, then exactly one :class:`StreamEnd`.
+
+        Implemented as an async generator whose ``finally`` closes the upstream request, so that
+        ``aclose()`` (the caller cancelled, or the router gave up) stops generation upstream.
+        """
+
+    async def check_health(self, timeout_s: float) -> HealthReport:
+        """Probes the upstream without generating tokens."""
+
+    async def aclose(self) -> None:
+        """Releases pools and subprocesses."""

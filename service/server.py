@@ -1,0 +1,109 @@
+"""Builds and runs the gRPC server: InferenceService, grpc.health.v1, reflection, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from inference.v1 import inference_pb2, inference_pb2_grpc
+
+from service.config import Settings
+from service.providers.base import Provider
+from service.providers.registry import build_chain, plan_chain
+from service.router import Router
+from service.servicer import InferenceServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+
+class Gateway:
+    """One running service: router, gRPC server, health reporting. Used by ``serve`` and tests."""
+
+    def __init__(self, settings: Settings, providers: Sequence[Provider] | None = None,
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
+        self.settings = settings
+        if providers is None:
+            for name, why in plan_chain(settings):
+                log.info("provider %s: %s", name, why)
+            providers = build_chain(settings)
+        self.router = Router(providers, settings)
+        self.health = HealthServicer()
+        self._interceptors = list(interceptors)
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self._in_flight = 0
+
+    def in_flight(self) -> int:
+        """Calls being served now (kept by the admission interceptor when installed)."""
+        return self._in_flight
+
+    async def _publish_health(self) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if self.router.serving()
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        return server.add_insecure_port(self.settings.grpc_listen_address)
+
+    async def start(self) -> int:
+        """Starts providers and the server; returns the bound port."""
+        self.router.monitor.on_change = self._publish_health
+        await self.router.start()
+        options = [
+            ("grpc.max_receive_message_length", self.settings.max_request_bytes),
+            ("grpc.max_send_message_length", 16 * 1024 * 1024),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+        server = grpc.aio.server(options=options, interceptors=self._interceptors)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(
+            InferenceServicer(self.router, self.settings, self.in_flight), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server)
+        self.port = self._bind(server)
+        if self.port == 0:
+            raise OSError(f"could not bind GRPC_LISTEN_ADDRESS={self.settings.grpc_listen_address}")
+        await server.start()
+        self.server = server
+        await self._publish_health()
+        log.info("serving %s on %s (port %d)", SERVICE_NAME, self.settings.grpc_listen_address, self.port)
+        return self.port
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING first (load balancers stop sending), then drain, then close providers."""
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
+        await self.router.aclose()
+
+    async def wait(self) -> None:
+        """Blocks until the server stops."""
+        if self.server is not None:
+            await self.server.wait_for_termination()
+
+
+async def serve(settings: Settings) -> None:
+    """Runs until SIGTERM or SIGINT, then drains for SHUTDOWN_GRACE_S and returns."""
+    gateway = Gateway(settings)
+    await gateway.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining for up to %.1f s", settings.shutdown_grace_s)
+    await gateway.stop()
+    log.info("stopped")

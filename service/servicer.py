@@ -1,0 +1,161 @@
+"""InferenceService: proto <-> domain translation only.
+
+No HTTP and no provider knowledge here: requests are validated into domain types, handed to the
+router, and the router's results (or domain errors) are turned back into protos and gRPC statuses.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2, timestamp_pb2
+from inference.v1 import inference_pb2 as pb
+from inference.v1 import inference_pb2_grpc as pb_grpc
+
+from service import metrics
+from service.config import Settings
+from service.errors import GatewayError
+from service.health import CircuitState, HealthState, ProviderSlot, Warmth
+from service.providers.base import FinishReason, Usage
+from service.router import Attempt, Router, RoutedEnd
+from service.status import to_grpc_status
+from service.validation import to_domain
+
+_FINISH = {
+    FinishReason.UNSPECIFIED: pb.FINISH_REASON_UNSPECIFIED,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.TOOL_CALLS: pb.FINISH_REASON_TOOL_CALLS,
+    FinishReason.CONTENT_FILTER: pb.FINISH_REASON_CONTENT_FILTER,
+    FinishReason.ABORT: pb.FINISH_REASON_ABORT,
+}
+_STATE = {HealthState.UNKNOWN: pb.PROVIDER_STATE_UNSPECIFIED, HealthState.HEALTHY: pb.PROVIDER_STATE_HEALTHY,
+          HealthState.UNHEALTHY: pb.PROVIDER_STATE_UNHEALTHY}
+_CIRCUIT = {CircuitState.CLOSED: pb.CIRCUIT_STATE_CLOSED, CircuitState.OPEN: pb.CIRCUIT_STATE_OPEN,
+            CircuitState.HALF_OPEN: pb.CIRCUIT_STATE_HALF_OPEN}
+_WARMTH = {Warmth.NOT_APPLICABLE: pb.WARMTH_UNSPECIFIED, Warmth.COLD: pb.WARMTH_COLD,
+           Warmth.WARMING: pb.WARMTH_WARMING, Warmth.WARM: pb.WARMTH_WARM}
+
+OVERHEAD_METADATA_KEY = "x-gateway-overhead-ms"
+
+
+def _usage(u: Usage) -> pb.Usage:
+    return pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens)
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def _attempts(attempts: tuple[Attempt, ...]) -> list[pb.Attempt]:
+    return [
+        pb.Attempt(provider=a.provider, error_reason=a.error.reason if a.error else "",
+                   error_message=a.error.message if a.error else "", duration=_duration(a.duration_s))
+        for a in attempts
+    ]
+
+
+def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def provider_health(slot: ProviderSlot) -> pb.ProviderHealth:
+    """The proto view of one provider's state."""
+    msg = pb.ProviderHealth(
+        name=slot.name, kind=slot.provider.kind, endpoint=slot.provider.endpoint,
+        model=slot.provider.default_model, state=_STATE[slot.state], last_error=slot.last_error,
+        circuit_state=_CIRCUIT[slot.breaker.state], warmth=_WARMTH[slot.warmth()], position=slot.position,
+    )
+    if slot.last_check_wall is not None:
+        ts = timestamp_pb2.Timestamp()
+        ts.FromNanoseconds(int(slot.last_check_wall * 1e9))
+        msg.last_check_time.CopyFrom(ts)
+    if slot.last_latency_s is not None:
+        msg.last_latency.CopyFrom(_duration(slot.last_latency_s))
+    return msg
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    """The gRPC face of the router."""
+
+    def __init__(self, router: Router, settings: Settings,
+                 in_flight: Callable[[], int] = lambda: 0) -> None:
+        self.router = router
+        self.settings = settings
+        self._in_flight = in_flight
+
+    async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.ChatResponse:
+        """Unary chat."""
+        try:
+            domain, policy = to_domain(request, self.settings)
+            routed = await self.router.chat(domain, _deadline(context), policy)
+        except GatewayError as exc:
+            await context.abort_with_status(to_grpc_status(exc))
+            raise  # unreachable: abort raises
+        r = routed.result
+        return pb.ChatResponse(
+            id=r.id, model=r.model, message=pb.Message(role=pb.ROLE_ASSISTANT, content=r.content),
+            finish_reason=_FINISH[r.finish_reason], usage=_usage(r.usage), provider=routed.provider,
+            attempts=_attempts(routed.attempts),
+        )
+
+    async def ChatStream(self, request: pb.ChatStreamRequest,
+                         context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[pb.ChatStreamResponse]:
+        """Streaming chat: deltas as they arrive, then one final message."""
+        try:
+            domain, policy = to_domain(request, self.settings)
+        except GatewayError as exc:
+            await context.abort_with_status(to_grpc_status(exc))
+            return
+        metrics.stream_started()
+        Delta = pb.ChatStreamDelta  # noqa: N806 - local alias keeps the per-chunk path short
+        Response = pb.ChatStreamResponse  # noqa: N806
+        try:
+            async with aclosing(self.router.stream(domain, _deadline(context), policy)) as events:
+                async for item in events:
+                    if type(item) is str:
+                        yield Response(delta=Delta(text=item))
+                    else:
+                        assert isinstance(item, RoutedEnd)
+                        end = item.end
+                        yield Response(final=pb.ChatStreamFinal(
+                            id=end.id, model=end.model, finish_reason=_FINISH[end.finish_reason],
+                            usage=_usage(end.usage), provider=item.provider, attempts=_attempts(item.attempts)))
+        except GatewayError as exc:
+            await context.abort_with_status(to_grpc_status(exc))
+        finally:
+            metrics.stream_ended()
+
+    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.HealthResponse:
+        """Overall status plus one entry per provider."""
+        status = pb.SERVING_STATUS_SERVING if self.router.serving() else pb.SERVING_STATUS_NOT_SERVING
+        return pb.HealthResponse(status=status, providers=[provider_health(s) for s in self.router.slots])
+
+    async def GetProviderStatus(self, request: pb.GetProviderStatusRequest,
+                                context: grpc.aio.ServicerContext[Any, Any]) -> pb.GetProviderStatusResponse:
+        """Admin view: health, counters, served models, circuit retry time."""
+        out = []
+        now_mono, now_wall = time.monotonic(), time.time()
+        for slot in self.router.slots:
+            c = slot.counters
+            status = pb.ProviderStatus(
+                health=provider_health(slot),
+                counters=pb.ProviderCounters(attempts=c.attempts, successes=c.successes, failures=c.failures,
+                                             skips=c.skips, consecutive_failures=slot.breaker.consecutive_failures),
+                served_models=slot.served_models,
+            )
+            retry_at = slot.breaker.retry_at
+            if retry_at is not None:
+                ts = timestamp_pb2.Timestamp()
+                ts.FromNanoseconds(int((now_wall + retry_at - now_mono) * 1e9))
+                status.circuit_retry_time.CopyFrom(ts)
+            out.append(status)
+        return pb.GetProviderStatusResponse(providers=out, in_flight=self._in_flight(),
+                                            max_concurrent_requests=self.settings.max_concurrent_requests)

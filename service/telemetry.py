@@ -1,0 +1,176 @@
+"""Tracing helpers for routing decisions (OpenTelemetry API; exporters are set up in otel_setup).
+
+Span tree per RPC::
+
+    <gRPC server span>                       (server interceptor)
+      route Chat | route ChatStream          INTERNAL: chain, policy, skips, fallbacks, outcome
+        chat {model}                         CLIENT, one per provider attempt, GenAI semconv
+        chat {model}                         ...
+
+Spans of a stream live across ``yield``s, so they are never *attached* to the context there
+(a context token cannot be detached in another context); the route span is the explicit parent
+of each attempt span, and an attempt span is attached only around the awaits that send its
+request, so outgoing HTTP carries its ``traceparent``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from service import metrics
+from service.providers.base import ChatRequest, Provider, Usage
+
+tracer = trace.get_tracer("inference-gateway")
+
+_PROVIDER_KIND_TO_SEMCONV = {"vllm": "vllm", "llama.cpp": "llama.cpp", "anthropic": "anthropic"}
+
+
+class AttemptSpan:
+    """The CLIENT span of one provider attempt, with GenAI semantic-convention attributes."""
+
+    __slots__ = ("_first_chunk_at", "_model", "_provider", "_started", "span")
+
+    def __init__(self, parent: Span, provider: Provider, request: ChatRequest, retry: int, wait_cold: bool) -> None:
+        model = request.model or provider.default_model
+        self._model = model
+        self._provider = provider
+        self._started = time.perf_counter()
+        self._first_chunk_at: float | None = None
+        attrs: dict[str, Any] = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": _PROVIDER_KIND_TO_SEMCONV.get(provider.kind, provider.kind),
+            "gen_ai.request.model": model,
+            "gen_ai.request.max_tokens": request.max_tokens,
+            "gateway.provider": provider.name,
+            "gateway.retry": retry,
+            "gateway.wait_cold": wait_cold,
+        }
+        if request.temperature is not None:
+            attrs["gen_ai.request.temperature"] = request.temperature
+        if request.top_p is not None:
+            attrs["gen_ai.request.top_p"] = request.top_p
+        if request.seed is not None:
+            attrs["gen_ai.request.seed"] = request.seed
+        host, port = _split_endpoint(provider.endpoint)
+        if host:
+            attrs["server.address"] = host
+        if port:
+            attrs["server.port"] = port
+        ctx = trace.set_span_in_context(parent)
+        self.span = tracer.start_span(f"chat {model}", context=ctx, kind=SpanKind.CLIENT, attributes=attrs)
+
+    @contextmanager
+    def current(self) -> Iterator[None]:
+        """Attaches this span around awaits that send the upstream request (traceparent)."""
+        token = otel_context.attach(trace.set_span_in_context(self.span))
+        try:
+            yield
+        finally:
+            otel_context.detach(token)
+
+    def first_chunk(self) -> None:
+        """Marks the time to first chunk."""
+        self._first_chunk_at = time.perf_counter()
+        ttft = self._first_chunk_at - self._started
+        self.span.set_attribute("gen_ai.response.time_to_first_chunk", ttft)
+        metrics.record_ttft(self._provider.name, self._model, ttft)
+
+    def succeeded(self, response_id: str, model: str, finish_reason: str, usage: Usage) -> None:
+        """Records the response attributes and usage."""
+        self.span.set_attributes({
+            "gen_ai.response.id": response_id,
+            "gen_ai.response.model": model,
+            "gen_ai.response.finish_reasons": [finish_reason],
+            "gen_ai.usage.input_tokens": usage.prompt_tokens,
+            "gen_ai.usage.output_tokens": usage.completion_tokens,
+        })
+        metrics.record_attempt(self._provider.name, self._model, time.perf_counter() - self._started, None, usage)
+
+    def failed(self, error: Exception | None) -> None:
+        """Marks the attempt failed with ``error.type`` = the error's reason."""
+        reason = getattr(error, "reason", type(error).__name__ if error else "unknown")
+        self.span.set_attribute("error.type", reason)
+        self.span.set_status(Status(StatusCode.ERROR, str(error)[:300] if error else reason))
+        metrics.record_attempt(self._provider.name, self._model, time.perf_counter() - self._started, reason, None)
+
+    def end(self) -> None:
+        """Ends the span (idempotent in the SDK)."""
+        self.span.end()
+
+
+class RouteTrace:
+    """The routing span of one call: chain considered, skips, fallbacks, outcome."""
+
+    __slots__ = ("_skips", "span")
+
+    def __init__(self, rpc: str, request: ChatRequest, chain: list[str], policy: str) -> None:
+        self.span = tracer.start_span(
+            f"route {rpc}",
+            kind=SpanKind.INTERNAL,
+            attributes={"gateway.chain": chain, "gateway.cold_start_policy": policy,
+                        "gen_ai.request.model": request.model or ""},
+        )
+        self._skips: list[str] = []
+
+    @contextmanager
+    def scope(self) -> Iterator[RouteTrace]:
+        """Ends the routing span when the call ends (never attached: see module docstring)."""
+        try:
+            yield self
+        finally:
+            self.span.end()
+
+    def attempt(self, provider: Provider, request: ChatRequest, retry: int, wait_cold: bool) -> AttemptSpan:
+        """Starts an attempt span as a child of the routing span."""
+        return AttemptSpan(self.span, provider, request, retry, wait_cold)
+
+    def skip(self, provider: str, reason: str) -> None:
+        """A provider was skipped (circuit open, unhealthy, cold)."""
+        self._skips.append(f"{provider}:{reason}")
+        self.span.set_attribute("gateway.skipped", self._skips)
+        self.span.add_event("skip", {"provider": provider, "reason": reason})
+        metrics.record_skip(provider, reason)
+
+    def event(self, name: str, **attrs: Any) -> None:
+        """A routing decision: retry, fallback, wake_up, deadline_stop, last_resort."""
+        self.span.add_event(name, {k: v for k, v in attrs.items() if v is not None})
+
+    def served(self, provider: str, attempts: int) -> None:
+        """The call was served by ``provider`` after ``attempts`` tries."""
+        self.span.set_attributes({"gateway.served_by": provider, "gateway.attempts": attempts,
+                                  "gateway.fallbacks": max(0, attempts - 1)})
+
+    def failed(self, error: Exception) -> None:
+        """The call failed as a whole."""
+        self.span.set_attribute("error.type", getattr(error, "reason", type(error).__name__))
+        self.span.set_status(Status(StatusCode.ERROR, str(error)[:300]))
+
+    @staticmethod
+    def note_circuit(provider: str, before: str, after: str, reason: str) -> None:
+        """A circuit breaker changed state (recorded on the current span, if any)."""
+        trace.get_current_span().add_event("circuit_transition", {
+            "provider": provider, "from": before, "to": after, "reason": reason})
+        metrics.record_circuit(provider, after)
+
+    @staticmethod
+    def note_warm(provider: str) -> None:
+        """A wake-up found the provider warm."""
+        trace.get_current_span().add_event("provider_warm", {"provider": provider})
+
+
+def _split_endpoint(endpoint: str) -> tuple[str, int | None]:
+    rest = endpoint.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = rest.rpartition(":")
+    if not host:
+        return rest, None
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        return rest, None

@@ -1,0 +1,50 @@
+"""Real, scriptable fake upstream HTTP servers for fault-injection tests.
+
+``FakeOpenAI`` speaks vLLM's OpenAI-compatible API, ``FakeAnthropic`` the Messages API. Both run
+on 127.0.0.1 in a background thread; script them with ``enqueue(...)`` / ``default`` and inspect
+``requests`` / ``chat_requests``. See ``tests.upstreams.base`` for the behaviours.
+"""
+
+from tests.upstreams.anthropic_server import FakeAnthropic
+from tests.upstreams.base import (
+    Behaviour,
+    ContextTooLong,
+    EndWithoutFinish,
+    FakeUpstream,
+    InBandError,
+    MalformedSSE,
+    Ok,
+    Overloaded,
+    RecordedRequest,
+    ResetAfter,
+    ResetBeforeResponse,
+    StallAfter,
+    StallBeforeFirstToken,
+    Status,
+    UnknownModel,
+    expected_text,
+    token_text,
+)
+from tests.upstreams.openai_server import FakeOpenAI
+
+__all__ = [
+    "Behaviour",
+    "ContextTooLong",
+    "EndWithoutFinish",
+    "FakeAnthropic",
+    "FakeOpenAI",
+    "FakeUpstream",
+    "InBandError",
+    "MalformedSSE",
+    "Ok",
+    "Overloaded",
+    "RecordedRequest",
+    "ResetAfter",
+    "ResetBeforeResponse",
+    "StallAfter",
+    "StallBeforeFirstToken",
+    "Status",
+    "UnknownModel",
+    "expected_text",
+    "token_text",
+]
