@@ -89,9 +89,7 @@ def _status(env: Mapping[str, str], *, as_json: bool, timeout_s: float) -> int:
 
     expected = env.get("MODAL_MODEL", "").strip() or DEFAULT_MODEL
     status = asyncio.run(
-        probe_endpoint(
-            endpoint.url, expected, headers=proxy_auth_headers(env), timeout_s=timeout_s
-        )
+        probe_endpoint(endpoint.url, expected, headers=proxy_auth_headers(env), timeout_s=timeout_s)
     )
     if as_json:
         print(json.dumps({**status.to_dict(), "source": endpoint.source}, indent=2))
@@ -102,7 +100,9 @@ def _status(env: Mapping[str, str], *, as_json: bool, timeout_s: float) -> int:
 
 def _report_unresolved(message: str, code: int, as_json: bool) -> int:
     if as_json:
-        print(json.dumps({"ok": False, "configured": code != EXIT_NOT_CONFIGURED, "message": message}))
+        print(
+            json.dumps({"ok": False, "configured": code != EXIT_NOT_CONFIGURED, "message": message})
+        )
     else:
         print(message, file=sys.stderr)
     return code
@@ -110,12 +110,13 @@ def _report_unresolved(message: str, code: int, as_json: bool) -> int:
 
 def _print_human(status: EndpointStatus, source: str) -> None:
     temperature = "warm" if status.warm else "cold"
-    match = "yes" if status.model_matches else "NO"
+    # Without a healthy answer the model list was never asked for, so a match is unknown.
+    match = "unknown" if not status.healthy else "yes" if status.model_matches else "NO"
     rows = [
         ("url", f"{status.url} (from {source})"),
         ("healthy", "yes" if status.healthy else "no"),
         ("state", temperature if status.healthy else "cold or starting"),
-        ("latency", f"{status.probe_latency_s * 1000:.0f} ms"),
+        ("latency", f"{status.probe_latency_s * 1000:.0f} ms" if status.http_status else "-"),
         ("served models", ", ".join(status.served_models) or "-"),
         ("expected model", f"{status.expected_model} (match: {match})"),
     ]

@@ -111,7 +111,7 @@ secrets = (
 app = modal.App(APP_NAME)
 
 
-@app.function(  # type: ignore[misc]  # modal is untyped under our mypy config
+@app.function(  # type: ignore[untyped-decorator]  # modal is untyped under our mypy config
     image=vllm_image,
     gpu=settings.gpu,
     scaledown_window=settings.scaledown_window_s,
@@ -123,8 +123,8 @@ app = modal.App(APP_NAME)
     secrets=secrets,
     env=settings.to_env(),
 )
-@modal.concurrent(max_inputs=settings.max_concurrent_requests)  # type: ignore[misc]
-@modal.web_server(  # type: ignore[misc]
+@modal.concurrent(max_inputs=settings.max_concurrent_requests)  # type: ignore[untyped-decorator]
+@modal.web_server(  # type: ignore[untyped-decorator]
     port=VLLM_PORT,
     startup_timeout=STARTUP_TIMEOUT_S,
     requires_proxy_auth=settings.require_proxy_auth,
@@ -145,7 +145,7 @@ def serve() -> None:
 HEALTH_POLL_INTERVAL_S = 5.0  # a cold start takes minutes; polling faster only adds noise
 
 
-@app.local_entrypoint()  # type: ignore[misc]
+@app.local_entrypoint()  # type: ignore[untyped-decorator]
 def main(prompt: str = "Say hello in five words.", max_tokens: int = 64) -> None:
     """Checks the deployed server end to end and prints a streamed answer.
 

@@ -36,7 +36,7 @@ DEFAULT_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 """Fits an L4's 24 GB in bf16 (~15 GB weights) with room for a 4096-token KV cache."""
 
 DEFAULT_MODEL_REVISION = "a09a35458c702b33eeacc393d103063234e8bc28"
-"""The pin: the Hugging Face commit of Qwen/Qwen2.5-7B-Instruct we deploy, so weights never drift."""
+"""The pin: the Hugging Face commit of Qwen/Qwen2.5-7B-Instruct we deploy; weights never drift."""
 
 ACCEPTED_GPU_TYPES = ("L4", "A10G", "A100", "H100")
 """GPU types this deployment is sized and priced for (see ``pricing.py``)."""

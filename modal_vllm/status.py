@@ -173,22 +173,10 @@ async def resolve_endpoint_async(
     lookup: WebUrlLookup | None = None,
     lookup_timeout_s: float = DEFAULT_LOOKUP_TIMEOUT_S,
 ) -> ResolvedEndpoint | None:
-    """Like :func:`resolve_endpoint`, but awaits the blocking SDK lookup off the event loop.
+    """Like :func:`resolve_endpoint` (same arguments, result and errors), without blocking.
 
     The lookup runs in a daemon thread rather than the loop's default executor, so a lookup
     stuck on an unreachable Modal never delays the process's shutdown.
-
-    Args:
-        env: The environment.
-        lookup: Replaces the Modal SDK lookup (tests inject a fake).
-        lookup_timeout_s: Give up on the SDK lookup after this many seconds.
-
-    Returns:
-        The endpoint, or None when nothing is configured.
-
-    Raises:
-        ValueError: ``MODAL_WEB_URL`` is not an http(s) URL.
-        EndpointLookupError: Only one token is set, or the SDK lookup failed or timed out.
     """
     direct = _from_web_url(env)
     if direct is not None or not _tokens_configured(env):
@@ -225,7 +213,9 @@ async def probe_endpoint(
     """
     url = base_url.rstrip("/")
     status = EndpointStatus(url=url, expected_model=expected_model)
-    secrets = [value for value in (headers or {}).values() if value]
+    # The bare token is scrubbed too, not only "Bearer <token>".
+    values = [value for value in (headers or {}).values() if value]
+    secrets = values + [value.partition(" ")[2] for value in values if " " in value]
     own_client = client is None
     http = client if client is not None else httpx.AsyncClient()
     try:
@@ -299,7 +289,8 @@ async def _probe(
 
 def _health_error(url: str, code: int, headers: Mapping[str, str]) -> str:
     if code in (401, 403):
-        sent = "were sent but rejected" if "Modal-Key" in headers else "are not set"
+        has_key = any(name.lower() == "modal-key" for name in headers)
+        sent = "were sent but rejected" if has_key else "are not set"
         return (
             f"GET {url}/health answered {code}: the deployment requires Modal proxy auth and "
             f"MODAL_PROXY_TOKEN_ID/MODAL_PROXY_TOKEN_SECRET {sent}; create a proxy auth token "
@@ -311,7 +302,10 @@ def _health_error(url: str, code: int, headers: Mapping[str, str]) -> str:
             "check `modal app logs` if it persists"
         )
     if code == 404:
-        return f"GET {url}/health answered 404: no app at this URL; check MODAL_WEB_URL or {DEPLOY_HINT}"
+        return (
+            f"GET {url}/health answered 404: no app at this URL; "
+            f"check MODAL_WEB_URL or {DEPLOY_HINT}"
+        )
     return f"GET {url}/health answered HTTP {code}"
 
 
@@ -353,8 +347,7 @@ def _tokens_configured(env: Mapping[str, str]) -> bool:
 
 
 def _lookup_call(env: Mapping[str, str], lookup: WebUrlLookup | None) -> Callable[[], str | None]:
-    chosen = lookup if lookup is not None else _modal_sdk_lookup
-    frozen_env = dict(env)
+    chosen, frozen_env = lookup or _modal_sdk_lookup, dict(env)
     return lambda: chosen(APP_NAME, FUNCTION_NAME, frozen_env)
 
 
@@ -388,7 +381,7 @@ def _lookup_error(exc: Exception, env: Mapping[str, str]) -> EndpointLookupError
     return EndpointLookupError(
         f"Could not look up the web URL of Modal app {APP_NAME!r} function {FUNCTION_NAME!r} "
         f"with MODAL_TOKEN_ID/MODAL_TOKEN_SECRET ({detail}); check the tokens and that the app "
-        f"is deployed ({DEPLOY_HINT}), or set MODAL_WEB_URL to skip the lookup"
+        f"is deployed; {DEPLOY_HINT}; or set MODAL_WEB_URL to skip the lookup"
     )
 
 
@@ -410,10 +403,10 @@ def _run_in_daemon_thread(call: Callable[[], T], timeout_s: float) -> T:
     if not done.wait(timeout_s):
         raise TimeoutError(f"no answer from Modal within {timeout_s:g} s")
     ok, value = outcome[0]
-    if ok:
-        result: T = value
-        return result
-    raise value
+    if not ok:
+        raise value
+    result: T = value
+    return result
 
 
 async def _run_in_daemon_thread_async(call: Callable[[], T], timeout_s: float) -> T:
@@ -429,6 +422,7 @@ async def _run_in_daemon_thread_async(call: Callable[[], T], timeout_s: float) -
             future.set_exception(value)
 
     def target() -> None:
+        value: Any
         try:
             ok, value = True, call()
         except BaseException as exc:

@@ -23,8 +23,14 @@ def generate(out: pathlib.Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         [
-            sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO_ROOT}",
-            f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}", *protos,
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{PROTO_ROOT}",
+            f"--python_out={out}",
+            f"--pyi_out={out}",
+            f"--grpc_python_out={out}",
+            *protos,
         ],
         check=True,
     )
@@ -43,8 +49,7 @@ def main() -> int:
                 for p in fresh.rglob("*")
                 if p.is_file()
                 and not (
-                    (OUT / p.relative_to(fresh)).is_file()
-                    and filecmp.cmp(p, OUT / p.relative_to(fresh), shallow=False)
+                    (OUT / p.relative_to(fresh)).is_file() and filecmp.cmp(p, OUT / p.relative_to(fresh), shallow=False)
                 )
             ]
             if stale:

@@ -108,13 +108,27 @@ class Settings:
 
     def validate(self) -> None:
         """Cross-field checks; raises ConfigError naming the variable."""
-        for name in ("max_concurrent_requests", "max_tokens_cap", "default_max_tokens",
-                     "local_parallel_slots", "local_context_tokens", "circuit_failure_threshold",
-                     "max_messages", "max_content_chars", "max_request_bytes"):
+        for name in (
+            "max_concurrent_requests",
+            "max_tokens_cap",
+            "default_max_tokens",
+            "local_parallel_slots",
+            "local_context_tokens",
+            "circuit_failure_threshold",
+            "max_messages",
+            "max_content_chars",
+            "max_request_bytes",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.upper()} must be a positive integer, got {getattr(self, name)}")
-        for name in ("health_check_interval_s", "request_timeout_s", "ttft_timeout_s",
-                     "stream_idle_timeout_s", "connect_timeout_s", "modal_scaledown_window_minutes"):
+        for name in (
+            "health_check_interval_s",
+            "request_timeout_s",
+            "ttft_timeout_s",
+            "stream_idle_timeout_s",
+            "connect_timeout_s",
+            "modal_scaledown_window_minutes",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.upper()} must be a positive number, got {getattr(self, name)}")
         if self.default_max_tokens > self.max_tokens_cap:
@@ -123,28 +137,27 @@ class Settings:
             )
         unknown = [p for p in self.provider_order if p not in KNOWN_PROVIDERS]
         if unknown:
-            raise ConfigError(
-                f"PROVIDER_ORDER names unknown providers {unknown}; known: {', '.join(KNOWN_PROVIDERS)}"
-            )
+            raise ConfigError(f"PROVIDER_ORDER names unknown providers {unknown}; known: {', '.join(KNOWN_PROVIDERS)}")
         if self.cold_start_policy not in COLD_START_POLICIES:
             raise ConfigError(
-                f"COLD_START_POLICY must be one of {', '.join(COLD_START_POLICIES)}, "
-                f"got {self.cold_start_policy!r}"
+                f"COLD_START_POLICY must be one of {', '.join(COLD_START_POLICIES)}, got {self.cold_start_policy!r}"
             )
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ConfigError("TLS_CERT_FILE and TLS_KEY_FILE must be set together")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ConfigError("TLS_CLIENT_CA_FILE (mutual TLS) needs TLS_CERT_FILE and TLS_KEY_FILE")
         if ":" not in self.grpc_listen_address:
-            raise ConfigError(
-                f"GRPC_LISTEN_ADDRESS must be host:port, got {self.grpc_listen_address!r}"
-            )
+            raise ConfigError(f"GRPC_LISTEN_ADDRESS must be host:port, got {self.grpc_listen_address!r}")
 
     def secrets(self) -> list[str]:
         """Every secret value configured, so logs and outputs can be checked against them."""
         values = [
-            self.modal_token_secret, self.modal_token_id, self.modal_proxy_token_secret,
-            self.modal_proxy_token_id, self.modal_vllm_api_key, self.vastai_api_key,
+            self.modal_token_secret,
+            self.modal_token_id,
+            self.modal_proxy_token_secret,
+            self.modal_proxy_token_id,
+            self.modal_vllm_api_key,
+            self.vastai_api_key,
             self.anthropic_api_key,
         ]
         for pairs in (self.inference_api_keys, self.admin_api_keys):
@@ -192,17 +205,18 @@ def _parse(var: str, raw: str, type_name: Any) -> Any:
 
 ENV_DOCS: list[tuple[str, str, str]] = [
     ("GRPC_LISTEN_ADDRESS", "127.0.0.1:50051", "host:port the gRPC server binds"),
-    ("PROVIDER_ORDER", "(detected)", "comma list of modal, vastai, anthropic, local; default: "
-     "the configured ones in that order, or local when none is"),
+    (
+        "PROVIDER_ORDER",
+        "(detected)",
+        "comma list of modal, vastai, anthropic, local; default: "
+        "the configured ones in that order, or local when none is",
+    ),
     ("MODAL_WEB_URL", "", "base URL of the Modal vLLM endpoint (modal deploy prints it)"),
     ("MODAL_MODEL", "Qwen/Qwen2.5-7B-Instruct", "model served by the Modal deployment"),
-    ("MODAL_TOKEN_ID / MODAL_TOKEN_SECRET", "", "Modal API token; used to look up the URL "
-     "when MODAL_WEB_URL is unset"),
-    ("MODAL_PROXY_TOKEN_ID / MODAL_PROXY_TOKEN_SECRET", "", "Modal proxy-auth token sent as "
-     "Modal-Key / Modal-Secret"),
+    ("MODAL_TOKEN_ID / MODAL_TOKEN_SECRET", "", "Modal API token; used to look up the URL when MODAL_WEB_URL is unset"),
+    ("MODAL_PROXY_TOKEN_ID / MODAL_PROXY_TOKEN_SECRET", "", "Modal proxy-auth token sent as Modal-Key / Modal-Secret"),
     ("MODAL_VLLM_API_KEY", "", "vLLM --api-key of the deployment, sent as a bearer token"),
-    ("MODAL_SCALEDOWN_WINDOW_MINUTES", "5", "idle minutes before Modal scales to zero; a "
-     "success within it means warm"),
+    ("MODAL_SCALEDOWN_WINDOW_MINUTES", "5", "idle minutes before Modal scales to zero; a success within it means warm"),
     ("VASTAI_VLLM_URL", "", "base URL of the legacy OpenAI-compatible vLLM host"),
     ("VASTAI_API_KEY", "", "bearer token for the legacy host"),
     ("VASTAI_MODEL", "Qwen/Qwen2.5-7B-Instruct", "model served by the legacy host"),
@@ -224,8 +238,7 @@ ENV_DOCS: list[tuple[str, str, str]] = [
     ("REQUEST_TIMEOUT_S", "120", "upper bound of one upstream attempt"),
     ("CONNECT_TIMEOUT_S", "3", "TCP/TLS connect timeout to an upstream"),
     ("TTFT_TIMEOUT_S", "20", "per attempt: time allowed until the first token"),
-    ("STREAM_IDLE_TIMEOUT_S", "30", "largest gap between two tokens before the stream counts "
-     "as stalled"),
+    ("STREAM_IDLE_TIMEOUT_S", "30", "largest gap between two tokens before the stream counts as stalled"),
     ("RETRY_MAX_RETRIES", "1", "retries of one provider on retryable errors, before fallback"),
     ("RETRY_INITIAL_DELAY_S", "0.2", "first backoff; doubles, full jitter"),
     ("RETRY_MAX_DELAY_S", "2", "largest backoff"),
@@ -233,8 +246,12 @@ ENV_DOCS: list[tuple[str, str, str]] = [
     ("MIN_ATTEMPT_TIME_S", "0.2", "no attempt starts with less of the caller's deadline left"),
     ("CIRCUIT_FAILURE_THRESHOLD", "5", "consecutive failures that open a provider's circuit"),
     ("CIRCUIT_COOLDOWN_S", "30", "seconds an open circuit waits before a half-open probe"),
-    ("COLD_START_POLICY", "fallback", "fallback: serve cold-Modal calls elsewhere while one "
-     "wake-up runs; wait: wait for the cold start within the deadline"),
+    (
+        "COLD_START_POLICY",
+        "fallback",
+        "fallback: serve cold-Modal calls elsewhere while one "
+        "wake-up runs; wait: wait for the cold start within the deadline",
+    ),
     ("COLD_START_TIMEOUT_S", "600", "how long a wake-up keeps polling a cold provider"),
     ("WAKE_POLL_INTERVAL_S", "2", "pause between wake-up health polls"),
     ("SHUTDOWN_GRACE_S", "10", "seconds in-flight calls get to finish on SIGTERM"),

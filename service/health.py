@@ -51,9 +51,13 @@ class CircuitBreaker:
     """Opens after ``threshold`` consecutive failures (or one auth failure); after ``cooldown_s``
     lets exactly one probe call through (half-open); that call's outcome closes or reopens it."""
 
-    def __init__(self, threshold: int, cooldown_s: float,
-                 clock: Callable[[], float] = time.monotonic,
-                 on_transition: Callable[[CircuitState, CircuitState, str], None] | None = None) -> None:
+    def __init__(
+        self,
+        threshold: int,
+        cooldown_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        on_transition: Callable[[CircuitState, CircuitState, str], None] | None = None,
+    ) -> None:
         self.threshold = threshold
         self.cooldown_s = cooldown_s
         self._clock = clock
@@ -192,8 +196,13 @@ class ProviderSlot:
 class HealthMonitor:
     """Validates providers at startup, then probes them every ``interval_s``."""
 
-    def __init__(self, slots: list[ProviderSlot], interval_s: float, timeout_s: float,
-                 on_change: Callable[[], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self,
+        slots: list[ProviderSlot],
+        interval_s: float,
+        timeout_s: float,
+        on_change: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.slots = slots
         self.interval_s = interval_s
         self.timeout_s = timeout_s
@@ -209,8 +218,9 @@ class HealthMonitor:
         before = slot.state
         slot.record_report(report)
         if before is not slot.state:
-            log.info("provider %s is %s%s", slot.name, slot.state.value,
-                     f" ({slot.last_error})" if slot.last_error else "")
+            log.info(
+                "provider %s is %s%s", slot.name, slot.state.value, f" ({slot.last_error})" if slot.last_error else ""
+            )
 
     def should_probe(self, slot: ProviderSlot, now: float) -> bool:
         """Scale-to-zero providers are probed only while traffic keeps them warm anyway."""

@@ -21,28 +21,44 @@ class _Instruments:
     def __init__(self) -> None:
         meter = metrics.get_meter("inference-gateway")
         self.token_usage = meter.create_histogram(
-            "gen_ai.client.token.usage", unit="{token}", description="Tokens used per attempt",
-            explicit_bucket_boundaries_advisory=_TOKEN_BUCKETS)
+            "gen_ai.client.token.usage",
+            unit="{token}",
+            description="Tokens used per attempt",
+            explicit_bucket_boundaries_advisory=_TOKEN_BUCKETS,
+        )
         self.duration = meter.create_histogram(
-            "gen_ai.client.operation.duration", unit="s", description="Provider attempt duration",
-            explicit_bucket_boundaries_advisory=_DURATION_BUCKETS_S)
+            "gen_ai.client.operation.duration",
+            unit="s",
+            description="Provider attempt duration",
+            explicit_bucket_boundaries_advisory=_DURATION_BUCKETS_S,
+        )
         self.ttft = meter.create_histogram(
-            "gen_ai.client.operation.time_to_first_chunk", unit="s", description="Time to first chunk",
-            explicit_bucket_boundaries_advisory=_DURATION_BUCKETS_S)
+            "gen_ai.client.operation.time_to_first_chunk",
+            unit="s",
+            description="Time to first chunk",
+            explicit_bucket_boundaries_advisory=_DURATION_BUCKETS_S,
+        )
         self.overhead = meter.create_histogram(
-            "gateway.overhead.duration", unit="s",
+            "gateway.overhead.duration",
+            unit="s",
             description="Time of an RPC not spent waiting on an upstream",
-            explicit_bucket_boundaries_advisory=_DURATION_BUCKETS_S)
+            explicit_bucket_boundaries_advisory=_DURATION_BUCKETS_S,
+        )
         self.attempts = meter.create_counter(
-            "gateway.provider.attempts", unit="{attempt}", description="Provider attempts by outcome")
+            "gateway.provider.attempts", unit="{attempt}", description="Provider attempts by outcome"
+        )
         self.skips = meter.create_counter(
-            "gateway.provider.skips", unit="{skip}", description="Providers skipped by reason")
+            "gateway.provider.skips", unit="{skip}", description="Providers skipped by reason"
+        )
         self.circuit = meter.create_up_down_counter(
-            "gateway.provider.circuit_open", unit="{circuit}", description="1 while a provider's circuit is open")
+            "gateway.provider.circuit_open", unit="{circuit}", description="1 while a provider's circuit is open"
+        )
         self.active_streams = meter.create_up_down_counter(
-            "gateway.active_streams", unit="{stream}", description="ChatStream calls in progress")
+            "gateway.active_streams", unit="{stream}", description="ChatStream calls in progress"
+        )
         self.rpcs = meter.create_counter(
-            "gateway.rpc.calls", unit="{call}", description="RPCs by method and status code")
+            "gateway.rpc.calls", unit="{call}", description="RPCs by method and status code"
+        )
 
 
 _instruments: _Instruments | None = None
@@ -65,12 +81,22 @@ def reset() -> None:
 def record_attempt(provider: str, model: str, duration_s: float, error_type: str | None, usage: Usage | None) -> None:
     """One provider attempt ended."""
     ins = instruments()
-    attrs: dict[str, Any] = {"gen_ai.operation.name": "chat", "gateway.provider": provider, "gen_ai.request.model": model}
+    attrs: dict[str, Any] = {
+        "gen_ai.operation.name": "chat",
+        "gateway.provider": provider,
+        "gen_ai.request.model": model,
+    }
     if error_type:
         attrs["error.type"] = error_type
     ins.duration.record(duration_s, attrs)
-    ins.attempts.add(1, {"gateway.provider": provider, "outcome": "error" if error_type else "ok",
-                         **({"error.type": error_type} if error_type else {})})
+    ins.attempts.add(
+        1,
+        {
+            "gateway.provider": provider,
+            "outcome": "error" if error_type else "ok",
+            **({"error.type": error_type} if error_type else {}),
+        },
+    )
     if usage is not None:
         ins.token_usage.record(usage.prompt_tokens, {**attrs, "gen_ai.token.type": "input"})
         ins.token_usage.record(usage.completion_tokens, {**attrs, "gen_ai.token.type": "output"})
@@ -78,8 +104,9 @@ def record_attempt(provider: str, model: str, duration_s: float, error_type: str
 
 def record_ttft(provider: str, model: str, seconds: float) -> None:
     """Time to first chunk of a streamed attempt."""
-    instruments().ttft.record(seconds, {"gen_ai.operation.name": "chat", "gateway.provider": provider,
-                                        "gen_ai.request.model": model})
+    instruments().ttft.record(
+        seconds, {"gen_ai.operation.name": "chat", "gateway.provider": provider, "gen_ai.request.model": model}
+    )
 
 
 def record_skip(provider: str, reason: str) -> None:

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -35,7 +35,7 @@ from service.errors import (
     StreamInterruptedError,
 )
 from service.health import CircuitBreaker, HealthMonitor, HealthState, ProviderSlot, Warmth
-from service.providers.base import ChatRequest, ChatResult, Provider, StreamEnd
+from service.providers.base import ChatRequest, ChatResult, Provider, StreamEnd, StreamItem
 from service.telemetry import RouteTrace
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,9 @@ class Router:
         self.settings = settings
         window_s = settings.modal_scaledown_window_minutes * 60
         self.slots = [
-            ProviderSlot(p, i, CircuitBreaker(settings.circuit_failure_threshold, settings.circuit_cooldown_s), window_s)
+            ProviderSlot(
+                p, i, CircuitBreaker(settings.circuit_failure_threshold, settings.circuit_cooldown_s), window_s
+            )
             for i, p in enumerate(providers)
         ]
         self.monitor = HealthMonitor(self.slots, settings.health_check_interval_s, settings.health_check_timeout_s)
@@ -94,6 +96,7 @@ class Router:
     def _circuit_logger(slot: ProviderSlot):  # type: ignore[no-untyped-def]
         def note(before, after, reason):  # type: ignore[no-untyped-def]
             RouteTrace.note_circuit(slot.name, before.value, after.value, reason)
+
         return note
 
     async def start(self) -> None:
@@ -102,9 +105,16 @@ class Router:
             await slot.provider.start()
         await self.monitor.check_all(initial=True)
         for slot in self.slots:
-            log.info("provider %d %s (%s) at %s model=%s: %s%s", slot.position, slot.name, slot.provider.kind,
-                     slot.provider.endpoint, slot.provider.default_model, slot.state.value,
-                     f" ({slot.last_error})" if slot.last_error else "")
+            log.info(
+                "provider %d %s (%s) at %s model=%s: %s%s",
+                slot.position,
+                slot.name,
+                slot.provider.kind,
+                slot.provider.endpoint,
+                slot.provider.default_model,
+                slot.state.value,
+                f" ({slot.last_error})" if slot.last_error else "",
+            )
         self.monitor.start()
 
     async def aclose(self) -> None:
@@ -213,8 +223,11 @@ class Router:
                 delay = self._backoff_s(n + 1, err)
                 remaining = self._remaining(call.deadline)
                 if delay is None or (remaining is not None and remaining < delay + self.settings.min_attempt_time_s):
-                    call.trace.event("no_retry", provider=step.slot.name,
-                                     reason="retry_after_too_long" if delay is None else "deadline")
+                    call.trace.event(
+                        "no_retry",
+                        provider=step.slot.name,
+                        reason="retry_after_too_long" if delay is None else "deadline",
+                    )
                     break
                 call.trace.event("retry", provider=step.slot.name, delay_s=round(delay, 3), reason=err.reason)
                 await asyncio.sleep(delay)
@@ -251,18 +264,23 @@ class Router:
         if not call.errors:
             return DeadlineExceededError(
                 "the call's deadline left no time to ask any provider; allow more time "
-                f"(at least {self.settings.min_attempt_time_s} s per attempt)")
+                f"(at least {self.settings.min_attempt_time_s} s per attempt)"
+            )
         if request.model and all(isinstance(e, ProviderModelNotFoundError) for e in call.errors.values()):
             served = {n: e.served for n, e in call.errors.items() if isinstance(e, ProviderModelNotFoundError)}
-            return ModelNotFoundError(f"no provider serves model {request.model!r}; served models: {served}. "
-                                      "Leave model empty to use each provider's default.")
+            return ModelNotFoundError(
+                f"no provider serves model {request.model!r}; served models: {served}. "
+                "Leave model empty to use each provider's default."
+            )
         return AllProvidersFailedError(dict(call.errors))
 
     # ---- public API -------------------------------------------------------------------------
 
     def _call(self, request: ChatRequest, deadline: float | None, policy: str | None, rpc: str) -> _Call:
         policy = policy or self.settings.cold_start_policy
-        return _Call(deadline=deadline, policy=policy, trace=RouteTrace(rpc, request, [s.name for s in self.slots], policy))
+        return _Call(
+            deadline=deadline, policy=policy, trace=RouteTrace(rpc, request, [s.name for s in self.slots], policy)
+        )
 
     async def chat(self, request: ChatRequest, deadline: float | None = None, policy: str | None = None) -> Routed:
         """Serves a unary call; ``deadline`` is a ``time.monotonic()`` instant."""
@@ -297,8 +315,9 @@ class Router:
             call.trace.failed(err)
             raise err
 
-    async def stream(self, request: ChatRequest, deadline: float | None = None,
-                     policy: str | None = None) -> AsyncIterator[str | RoutedEnd]:
+    async def stream(
+        self, request: ChatRequest, deadline: float | None = None, policy: str | None = None
+    ) -> AsyncGenerator[str | RoutedEnd, None]:
         """Serves a streaming call: text deltas, then one :class:`RoutedEnd`.
 
         An async generator: the consumer must close it (``contextlib.aclosing``); closing it
@@ -306,7 +325,7 @@ class Router:
         """
         call = self._call(request, deadline, policy, "ChatStream")
         with call.trace.scope():
-            serving: tuple[ProviderSlot, AsyncIterator[object], object] | None = None
+            serving: tuple[ProviderSlot, AsyncGenerator[StreamItem, None], StreamItem] | None = None
             async for step, n in self._walk(call):
                 slot = step.slot
                 call.budget_s = self._attempt_budget(step, deadline, first_token=True)
@@ -318,12 +337,12 @@ class Router:
                         async with asyncio.timeout(call.budget_s):
                             first = await anext(gen)
                 except asyncio.CancelledError:
-                    await gen.aclose()  # type: ignore[attr-defined]
+                    await gen.aclose()
                     slot.breaker.release_probe()
                     span.end()
                     raise
                 except Exception as exc:
-                    await gen.aclose()  # type: ignore[attr-defined]
+                    await gen.aclose()
                     try:
                         self._record(call, slot, exc, started)
                     finally:
@@ -342,7 +361,7 @@ class Router:
             loop = asyncio.get_running_loop()
             idle_s = self.settings.stream_idle_timeout_s
             try:
-                async with aclosing(gen) as events, asyncio.timeout(None) as idle:  # type: ignore[type-var]
+                async with aclosing(gen) as events, asyncio.timeout(None) as idle:
                     while True:
                         if isinstance(item, StreamEnd):
                             self._record(call, slot, None, started)
@@ -351,7 +370,7 @@ class Router:
                             yield RoutedEnd(item, slot.name, tuple(call.attempts))
                             return
                         sent += 1
-                        yield item  # type: ignore[misc]
+                        yield item
                         idle.reschedule(loop.time() + idle_s)
                         item = await anext(events)
                         idle.reschedule(None)

@@ -27,8 +27,12 @@ SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].ful
 class Gateway:
     """One running service: router, gRPC server, health reporting. Used by ``serve`` and tests."""
 
-    def __init__(self, settings: Settings, providers: Sequence[Provider] | None = None,
-                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        providers: Sequence[Provider] | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    ) -> None:
         self.settings = settings
         if providers is None:
             for name, why in plan_chain(settings):
@@ -46,13 +50,16 @@ class Gateway:
         return self._in_flight
 
     async def _publish_health(self) -> None:
-        status = (health_pb2.HealthCheckResponse.SERVING if self.router.serving()
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self.router.serving()
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         await self.health.set("", status)
         await self.health.set(SERVICE_NAME, status)
 
     def _bind(self, server: grpc.aio.Server) -> int:
-        return server.add_insecure_port(self.settings.grpc_listen_address)
+        return int(server.add_insecure_port(self.settings.grpc_listen_address))
 
     async def start(self) -> int:
         """Starts providers and the server; returns the bound port."""
@@ -68,11 +75,12 @@ class Gateway:
         ]
         server = grpc.aio.server(options=options, interceptors=self._interceptors)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(self.router, self.settings, self.in_flight), server)
+            InferenceServicer(self.router, self.settings, self.in_flight), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            server)
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        )
         self.port = self._bind(server)
         if self.port == 0:
             raise OSError(f"could not bind GRPC_LISTEN_ADDRESS={self.settings.grpc_listen_address}")

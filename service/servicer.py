@@ -21,7 +21,7 @@ from service.config import Settings
 from service.errors import GatewayError
 from service.health import CircuitState, HealthState, ProviderSlot, Warmth
 from service.providers.base import FinishReason, Usage
-from service.router import Attempt, Router, RoutedEnd
+from service.router import Attempt, RoutedEnd, Router
 from service.status import to_grpc_status
 from service.validation import to_domain
 
@@ -33,12 +33,22 @@ _FINISH = {
     FinishReason.CONTENT_FILTER: pb.FINISH_REASON_CONTENT_FILTER,
     FinishReason.ABORT: pb.FINISH_REASON_ABORT,
 }
-_STATE = {HealthState.UNKNOWN: pb.PROVIDER_STATE_UNSPECIFIED, HealthState.HEALTHY: pb.PROVIDER_STATE_HEALTHY,
-          HealthState.UNHEALTHY: pb.PROVIDER_STATE_UNHEALTHY}
-_CIRCUIT = {CircuitState.CLOSED: pb.CIRCUIT_STATE_CLOSED, CircuitState.OPEN: pb.CIRCUIT_STATE_OPEN,
-            CircuitState.HALF_OPEN: pb.CIRCUIT_STATE_HALF_OPEN}
-_WARMTH = {Warmth.NOT_APPLICABLE: pb.WARMTH_UNSPECIFIED, Warmth.COLD: pb.WARMTH_COLD,
-           Warmth.WARMING: pb.WARMTH_WARMING, Warmth.WARM: pb.WARMTH_WARM}
+_STATE = {
+    HealthState.UNKNOWN: pb.PROVIDER_STATE_UNSPECIFIED,
+    HealthState.HEALTHY: pb.PROVIDER_STATE_HEALTHY,
+    HealthState.UNHEALTHY: pb.PROVIDER_STATE_UNHEALTHY,
+}
+_CIRCUIT = {
+    CircuitState.CLOSED: pb.CIRCUIT_STATE_CLOSED,
+    CircuitState.OPEN: pb.CIRCUIT_STATE_OPEN,
+    CircuitState.HALF_OPEN: pb.CIRCUIT_STATE_HALF_OPEN,
+}
+_WARMTH = {
+    Warmth.NOT_APPLICABLE: pb.WARMTH_UNSPECIFIED,
+    Warmth.COLD: pb.WARMTH_COLD,
+    Warmth.WARMING: pb.WARMTH_WARMING,
+    Warmth.WARM: pb.WARMTH_WARM,
+}
 
 OVERHEAD_METADATA_KEY = "x-gateway-overhead-ms"
 
@@ -55,8 +65,12 @@ def _duration(seconds: float) -> duration_pb2.Duration:
 
 def _attempts(attempts: tuple[Attempt, ...]) -> list[pb.Attempt]:
     return [
-        pb.Attempt(provider=a.provider, error_reason=a.error.reason if a.error else "",
-                   error_message=a.error.message if a.error else "", duration=_duration(a.duration_s))
+        pb.Attempt(
+            provider=a.provider,
+            error_reason=a.error.reason if a.error else "",
+            error_message=a.error.message if a.error else "",
+            duration=_duration(a.duration_s),
+        )
         for a in attempts
     ]
 
@@ -69,9 +83,15 @@ def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
 def provider_health(slot: ProviderSlot) -> pb.ProviderHealth:
     """The proto view of one provider's state."""
     msg = pb.ProviderHealth(
-        name=slot.name, kind=slot.provider.kind, endpoint=slot.provider.endpoint,
-        model=slot.provider.default_model, state=_STATE[slot.state], last_error=slot.last_error,
-        circuit_state=_CIRCUIT[slot.breaker.state], warmth=_WARMTH[slot.warmth()], position=slot.position,
+        name=slot.name,
+        kind=slot.provider.kind,
+        endpoint=slot.provider.endpoint,
+        model=slot.provider.default_model,
+        state=_STATE[slot.state],
+        last_error=slot.last_error,
+        circuit_state=_CIRCUIT[slot.breaker.state],
+        warmth=_WARMTH[slot.warmth()],
+        position=slot.position,
     )
     if slot.last_check_wall is not None:
         ts = timestamp_pb2.Timestamp()
@@ -82,11 +102,10 @@ def provider_health(slot: ProviderSlot) -> pb.ProviderHealth:
     return msg
 
 
-class InferenceServicer(pb_grpc.InferenceServiceServicer):
+class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]  # generated, untyped base
     """The gRPC face of the router."""
 
-    def __init__(self, router: Router, settings: Settings,
-                 in_flight: Callable[[], int] = lambda: 0) -> None:
+    def __init__(self, router: Router, settings: Settings, in_flight: Callable[[], int] = lambda: 0) -> None:
         self.router = router
         self.settings = settings
         self._in_flight = in_flight
@@ -101,13 +120,18 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             raise  # unreachable: abort raises
         r = routed.result
         return pb.ChatResponse(
-            id=r.id, model=r.model, message=pb.Message(role=pb.ROLE_ASSISTANT, content=r.content),
-            finish_reason=_FINISH[r.finish_reason], usage=_usage(r.usage), provider=routed.provider,
+            id=r.id,
+            model=r.model,
+            message=pb.Message(role=pb.ROLE_ASSISTANT, content=r.content),
+            finish_reason=_FINISH[r.finish_reason],
+            usage=_usage(r.usage),
+            provider=routed.provider,
             attempts=_attempts(routed.attempts),
         )
 
-    async def ChatStream(self, request: pb.ChatStreamRequest,
-                         context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[pb.ChatStreamResponse]:
+    async def ChatStream(
+        self, request: pb.ChatStreamRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.ChatStreamResponse]:
         """Streaming chat: deltas as they arrive, then one final message."""
         try:
             domain, policy = to_domain(request, self.settings)
@@ -115,8 +139,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             await context.abort_with_status(to_grpc_status(exc))
             return
         metrics.stream_started()
-        Delta = pb.ChatStreamDelta  # noqa: N806 - local alias keeps the per-chunk path short
-        Response = pb.ChatStreamResponse  # noqa: N806
+        Delta = pb.ChatStreamDelta
+        Response = pb.ChatStreamResponse
         try:
             async with aclosing(self.router.stream(domain, _deadline(context), policy)) as events:
                 async for item in events:
@@ -125,9 +149,16 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     else:
                         assert isinstance(item, RoutedEnd)
                         end = item.end
-                        yield Response(final=pb.ChatStreamFinal(
-                            id=end.id, model=end.model, finish_reason=_FINISH[end.finish_reason],
-                            usage=_usage(end.usage), provider=item.provider, attempts=_attempts(item.attempts)))
+                        yield Response(
+                            final=pb.ChatStreamFinal(
+                                id=end.id,
+                                model=end.model,
+                                finish_reason=_FINISH[end.finish_reason],
+                                usage=_usage(end.usage),
+                                provider=item.provider,
+                                attempts=_attempts(item.attempts),
+                            )
+                        )
         except GatewayError as exc:
             await context.abort_with_status(to_grpc_status(exc))
         finally:
@@ -138,8 +169,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         status = pb.SERVING_STATUS_SERVING if self.router.serving() else pb.SERVING_STATUS_NOT_SERVING
         return pb.HealthResponse(status=status, providers=[provider_health(s) for s in self.router.slots])
 
-    async def GetProviderStatus(self, request: pb.GetProviderStatusRequest,
-                                context: grpc.aio.ServicerContext[Any, Any]) -> pb.GetProviderStatusResponse:
+    async def GetProviderStatus(
+        self, request: pb.GetProviderStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetProviderStatusResponse:
         """Admin view: health, counters, served models, circuit retry time."""
         out = []
         now_mono, now_wall = time.monotonic(), time.time()
@@ -147,8 +179,13 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             c = slot.counters
             status = pb.ProviderStatus(
                 health=provider_health(slot),
-                counters=pb.ProviderCounters(attempts=c.attempts, successes=c.successes, failures=c.failures,
-                                             skips=c.skips, consecutive_failures=slot.breaker.consecutive_failures),
+                counters=pb.ProviderCounters(
+                    attempts=c.attempts,
+                    successes=c.successes,
+                    failures=c.failures,
+                    skips=c.skips,
+                    consecutive_failures=slot.breaker.consecutive_failures,
+                ),
                 served_models=slot.served_models,
             )
             retry_at = slot.breaker.retry_at
@@ -157,5 +194,6 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 ts.FromNanoseconds(int((now_wall + retry_at - now_mono) * 1e9))
                 status.circuit_retry_time.CopyFrom(ts)
             out.append(status)
-        return pb.GetProviderStatusResponse(providers=out, in_flight=self._in_flight(),
-                                            max_concurrent_requests=self.settings.max_concurrent_requests)
+        return pb.GetProviderStatusResponse(
+            providers=out, in_flight=self._in_flight(), max_concurrent_requests=self.settings.max_concurrent_requests
+        )

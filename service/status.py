@@ -70,16 +70,21 @@ def to_rpc_status(error: GatewayError) -> status_pb2.Status:
     metadata: dict[str, str] = {}
     details: list[any_pb2.Any] = []
     if isinstance(error, InvalidRequestError) and error.violations:
-        details.append(_pack(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in error.violations
-        ])))
+        details.append(
+            _pack(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                        for v in error.violations
+                    ]
+                )
+            )
+        )
     if isinstance(error, AllProvidersFailedError):
         metadata = {name: err.reason for name, err in error.errors.items()}
         details.append(_retry_info(ALL_FAILED_RETRY_S))
     elif isinstance(error, StreamInterruptedError):
-        metadata = {"provider": error.provider, "cause": error.cause.reason,
-                    "deltas_sent": str(error.deltas_sent)}
+        metadata = {"provider": error.provider, "cause": error.cause.reason, "deltas_sent": str(error.deltas_sent)}
     elif isinstance(error, ProviderError):
         metadata = {"provider": error.provider}
     if isinstance(error, ResourceExhaustedError):

@@ -84,13 +84,15 @@ class AttemptSpan:
 
     def succeeded(self, response_id: str, model: str, finish_reason: str, usage: Usage) -> None:
         """Records the response attributes and usage."""
-        self.span.set_attributes({
-            "gen_ai.response.id": response_id,
-            "gen_ai.response.model": model,
-            "gen_ai.response.finish_reasons": [finish_reason],
-            "gen_ai.usage.input_tokens": usage.prompt_tokens,
-            "gen_ai.usage.output_tokens": usage.completion_tokens,
-        })
+        self.span.set_attributes(
+            {
+                "gen_ai.response.id": response_id,
+                "gen_ai.response.model": model,
+                "gen_ai.response.finish_reasons": [finish_reason],
+                "gen_ai.usage.input_tokens": usage.prompt_tokens,
+                "gen_ai.usage.output_tokens": usage.completion_tokens,
+            }
+        )
         metrics.record_attempt(self._provider.name, self._model, time.perf_counter() - self._started, None, usage)
 
     def failed(self, error: Exception | None) -> None:
@@ -114,8 +116,11 @@ class RouteTrace:
         self.span = tracer.start_span(
             f"route {rpc}",
             kind=SpanKind.INTERNAL,
-            attributes={"gateway.chain": chain, "gateway.cold_start_policy": policy,
-                        "gen_ai.request.model": request.model or ""},
+            attributes={
+                "gateway.chain": chain,
+                "gateway.cold_start_policy": policy,
+                "gen_ai.request.model": request.model or "",
+            },
         )
         self._skips: list[str] = []
 
@@ -144,8 +149,9 @@ class RouteTrace:
 
     def served(self, provider: str, attempts: int) -> None:
         """The call was served by ``provider`` after ``attempts`` tries."""
-        self.span.set_attributes({"gateway.served_by": provider, "gateway.attempts": attempts,
-                                  "gateway.fallbacks": max(0, attempts - 1)})
+        self.span.set_attributes(
+            {"gateway.served_by": provider, "gateway.attempts": attempts, "gateway.fallbacks": max(0, attempts - 1)}
+        )
 
     def failed(self, error: Exception) -> None:
         """The call failed as a whole."""
@@ -155,8 +161,9 @@ class RouteTrace:
     @staticmethod
     def note_circuit(provider: str, before: str, after: str, reason: str) -> None:
         """A circuit breaker changed state (recorded on the current span, if any)."""
-        trace.get_current_span().add_event("circuit_transition", {
-            "provider": provider, "from": before, "to": after, "reason": reason})
+        trace.get_current_span().add_event(
+            "circuit_transition", {"provider": provider, "from": before, "to": after, "reason": reason}
+        )
         metrics.record_circuit(provider, after)
 
     @staticmethod

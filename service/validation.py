@@ -13,8 +13,11 @@ from service.errors import FieldViolation, InvalidRequestError
 from service.providers.base import ChatMessage, ChatRequest, Role
 
 _ROLES: dict[int, Role] = {pb.ROLE_SYSTEM: "system", pb.ROLE_USER: "user", pb.ROLE_ASSISTANT: "assistant"}
-_POLICIES = {pb.COLD_START_POLICY_UNSPECIFIED: None, pb.COLD_START_POLICY_FALLBACK: "fallback",
-             pb.COLD_START_POLICY_WAIT: "wait"}
+_POLICIES = {
+    pb.COLD_START_POLICY_UNSPECIFIED: None,
+    pb.COLD_START_POLICY_FALLBACK: "fallback",
+    pb.COLD_START_POLICY_WAIT: "wait",
+}
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 200
 MAX_MODEL_CHARS = 256
@@ -31,17 +34,30 @@ def to_domain(request: Any, settings: Settings) -> tuple[ChatRequest, str | None
     if not request.messages:
         bad.append(FieldViolation("messages", "at least one message is required"))
     elif len(request.messages) > settings.max_messages:
-        bad.append(FieldViolation("messages", f"at most {settings.max_messages} messages are allowed, got {len(request.messages)}"))
+        bad.append(
+            FieldViolation(
+                "messages", f"at most {settings.max_messages} messages are allowed, got {len(request.messages)}"
+            )
+        )
     else:
         for i, m in enumerate(request.messages):
             role = _ROLES.get(m.role)
             if role is None:
                 name = pb.Role.Name(m.role) if m.role in pb.Role.values() else str(m.role)
-                bad.append(FieldViolation(f"messages[{i}].role", f"must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT, got {name}"))
+                bad.append(
+                    FieldViolation(
+                        f"messages[{i}].role", f"must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT, got {name}"
+                    )
+                )
             if not m.content.strip():
                 bad.append(FieldViolation(f"messages[{i}].content", "must not be empty"))
             elif len(m.content) > settings.max_content_chars:
-                bad.append(FieldViolation(f"messages[{i}].content", f"at most {settings.max_content_chars} characters, got {len(m.content)}"))
+                bad.append(
+                    FieldViolation(
+                        f"messages[{i}].content",
+                        f"at most {settings.max_content_chars} characters, got {len(m.content)}",
+                    )
+                )
             if role is not None:
                 messages.append(ChatMessage(role, m.content))
         if messages and all(m.role == "system" for m in messages):
@@ -61,7 +77,11 @@ def to_domain(request: Any, settings: Settings) -> tuple[ChatRequest, str | None
     if request.HasField("max_tokens"):
         max_tokens = request.max_tokens
         if not 1 <= max_tokens <= settings.max_tokens_cap:
-            bad.append(FieldViolation("max_tokens", f"must be in [1, {settings.max_tokens_cap}] (MAX_TOKENS_CAP), got {max_tokens}"))
+            bad.append(
+                FieldViolation(
+                    "max_tokens", f"must be in [1, {settings.max_tokens_cap}] (MAX_TOKENS_CAP), got {max_tokens}"
+                )
+            )
     if len(request.stop) > MAX_STOP_SEQUENCES:
         bad.append(FieldViolation("stop", f"at most {MAX_STOP_SEQUENCES} sequences, got {len(request.stop)}"))
     for i, s in enumerate(request.stop):

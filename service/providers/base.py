@@ -9,7 +9,7 @@ they raise only :mod:`service.errors` types. Adding a provider is one file plus 
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -149,7 +149,7 @@ class Provider(Protocol):
     async def chat(self, request: ChatRequest) -> ChatResult:
         """Returns one complete answer or raises a :class:`service.errors.ProviderError`."""
 
-    def stream(self, request: ChatRequest) -> AsyncIterator[StreamItem]:
+    def stream(self, request: ChatRequest) -> AsyncGenerator[StreamItem, None]:
         """Yields text deltas, then exactly one :class:`StreamEnd`.
 
         Implemented as an async generator whose ``finally`` closes the upstream request, so that

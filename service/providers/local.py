@@ -46,8 +46,14 @@ def _free_loopback_port() -> int:
 class LocalLlamaProvider(OpenAICompatProvider):
     """Starts a llama.cpp server on a loopback port and talks to it over HTTP."""
 
-    def __init__(self, model_path: str = "", parallel_slots: int = 4, context_tokens: int = 8192,
-                 threads: int = 0, request_timeout_s: float = 120.0) -> None:
+    def __init__(
+        self,
+        model_path: str = "",
+        parallel_slots: int = 4,
+        context_tokens: int = 8192,
+        threads: int = 0,
+        request_timeout_s: float = 120.0,
+    ) -> None:
         self._model_path = model_path or default_model_path()
         if not os.path.isfile(self._model_path):
             raise FileNotFoundError(f"LOCAL_MODEL_PATH={self._model_path!r} is not a file")
@@ -78,6 +84,8 @@ class LocalLlamaProvider(OpenAICompatProvider):
         params.n_ctx = self._ctx
         params.port = self._port
         params.hostnames = ["127.0.0.1"]
+        # llama.cpp logs every slot event to stderr; errors still reach us as HTTP statuses.
+        params.verbosity = -1
         if self._threads > 0:
             params.cpuparams.n_threads = self._threads
             params.cpuparams_batch.n_threads = self._threads

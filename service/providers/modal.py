@@ -42,13 +42,19 @@ class ModalProvider(OpenAICompatProvider):
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        super().__init__(OpenAICompatConfig(
-            name="modal", base_url=settings.modal_web_url or "https://unresolved.modal.run",
-            model=settings.modal_model, model_env_var="MODAL_MODEL", headers=modal_headers(settings),
-            scale_to_zero=True, connect_timeout_s=settings.connect_timeout_s,
-            request_timeout_s=min(settings.request_timeout_s, MODAL_REQUEST_LIMIT_S),
-            max_connections=settings.max_concurrent_requests * 2,
-        ))
+        super().__init__(
+            OpenAICompatConfig(
+                name="modal",
+                base_url=settings.modal_web_url or "https://unresolved.modal.run",
+                model=settings.modal_model,
+                model_env_var="MODAL_MODEL",
+                headers=modal_headers(settings),
+                scale_to_zero=True,
+                connect_timeout_s=settings.connect_timeout_s,
+                request_timeout_s=min(settings.request_timeout_s, MODAL_REQUEST_LIMIT_S),
+                max_connections=settings.max_concurrent_requests * 2,
+            )
+        )
 
     async def start(self) -> None:
         """Resolves the URL through the modal SDK when only a token is configured."""
@@ -56,8 +62,12 @@ class ModalProvider(OpenAICompatProvider):
             from modal_vllm.status import resolve_endpoint_async
 
             env = dict(os.environ)
-            env.update({"MODAL_TOKEN_ID": self._settings.modal_token_id,
-                        "MODAL_TOKEN_SECRET": self._settings.modal_token_secret})
+            env.update(
+                {
+                    "MODAL_TOKEN_ID": self._settings.modal_token_id,
+                    "MODAL_TOKEN_SECRET": self._settings.modal_token_secret,
+                }
+            )
             try:
                 resolved = await resolve_endpoint_async(env)
             except Exception as exc:

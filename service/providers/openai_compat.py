@@ -18,7 +18,7 @@ How these upstreams differ from plain OpenAI:
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,7 +158,11 @@ class OpenAICompatProvider:
         if status == 404:
             served = await self._served_models()
             hint = f" Set {self.config.model_env_var} to one of them." if self.config.model_env_var else ""
-            configured = f"{self.config.model_env_var}={model!r}" if self.config.model_env_var and model == self.default_model else f"model {model!r}"
+            configured = (
+                f"{self.config.model_env_var}={model!r}"
+                if self.config.model_env_var and model == self.default_model
+                else f"model {model!r}"
+            )
             raise ProviderModelNotFoundError(
                 self.name,
                 f"{configured} is not served by {self.name} ({self.endpoint}); it serves {served}.{hint}",
@@ -166,7 +170,9 @@ class OpenAICompatProvider:
                 served=served,
             )
         if status in (401, 403):
-            raise ProviderAuthError(self.name, f"{where}: credentials refused ({text}); check the provider's API key or proxy token")
+            raise ProviderAuthError(
+                self.name, f"{where}: credentials refused ({text}); check the provider's API key or proxy token"
+            )
         if status in (400, 413, 422):
             raise InvalidRequestError(f"{self.name} rejected the request: {text}")
         if status == 429 or status == 408 or status >= 500:
@@ -177,15 +183,21 @@ class OpenAICompatProvider:
         """Maps httpx transport exceptions to the error tree."""
         if isinstance(exc, httpx.TimeoutException):
             return ProviderTimeoutError(self.name, f"{self.name} ({self.endpoint}) timed out: {type(exc).__name__}")
-        if isinstance(exc, (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.NetworkError)):
-            return ProviderUnavailableError(self.name, f"{self.name} ({self.endpoint}) connection failed: {type(exc).__name__}: {exc}")
+        if isinstance(
+            exc, (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.NetworkError)
+        ):
+            return ProviderUnavailableError(
+                self.name, f"{self.name} ({self.endpoint}) connection failed: {type(exc).__name__}: {exc}"
+            )
         return ProviderError(self.name, f"{self.name} ({self.endpoint}) failed: {type(exc).__name__}: {exc}")
 
     async def chat(self, request: ChatRequest) -> ChatResult:
         """One unary completion."""
         body = self._body(request, stream=False)
         try:
-            response = await self.client.post(self._url, content=orjson.dumps(body), headers={"content-type": "application/json"})
+            response = await self.client.post(
+                self._url, content=orjson.dumps(body), headers={"content-type": "application/json"}
+            )
             if response.status_code != 200:
                 await self._raise_for_status(response, body["model"])
             data = orjson.loads(response.content)
@@ -208,10 +220,12 @@ class OpenAICompatProvider:
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise ProviderProtocolError(self.name, f"{self.name} sent an unexpected completion shape: {exc!r}") from exc
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamItem]:
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamItem, None]:
         """Streams deltas over SSE; the response is closed in ``finally`` (aborts upstream)."""
         body = self._body(request, stream=True)
-        req = self.client.build_request("POST", self._url, content=orjson.dumps(body), headers={"content-type": "application/json"})
+        req = self.client.build_request(
+            "POST", self._url, content=orjson.dumps(body), headers={"content-type": "application/json"}
+        )
         try:
             response = await self.client.send(req, stream=True)
         except httpx.HTTPError as exc:
@@ -243,9 +257,13 @@ class OpenAICompatProvider:
                     try:
                         chunk = orjson.loads(payload)
                     except orjson.JSONDecodeError as exc:
-                        raise ProviderProtocolError(self.name, f"{self.name} sent malformed SSE data: {payload[:80]!r}") from exc
+                        raise ProviderProtocolError(
+                            self.name, f"{self.name} sent malformed SSE data: {payload[:80]!r}"
+                        ) from exc
                     if "error" in chunk:
-                        raise ProviderProtocolError(self.name, f"{self.name} reported an error mid-stream: {_error_text(payload)}")
+                        raise ProviderProtocolError(
+                            self.name, f"{self.name} reported an error mid-stream: {_error_text(payload)}"
+                        )
                     if not resp_id:
                         resp_id = chunk.get("id", "")
                         model = chunk.get("model") or model
@@ -288,10 +306,16 @@ class OpenAICompatProvider:
         try:
             response = await self.client.get(self.endpoint + self.config.health_path, timeout=timeout_s)
             if response.status_code != 200:
-                return HealthReport(False, time.perf_counter() - start, error=f"{self.config.health_path} answered {response.status_code}")
+                return HealthReport(
+                    False,
+                    time.perf_counter() - start,
+                    error=f"{self.config.health_path} answered {response.status_code}",
+                )
             models = await self.client.get(self.endpoint + "/v1/models", timeout=timeout_s)
             if models.status_code != 200:
-                return HealthReport(False, time.perf_counter() - start, error=f"/v1/models answered {models.status_code}")
+                return HealthReport(
+                    False, time.perf_counter() - start, error=f"/v1/models answered {models.status_code}"
+                )
             served = [str(m["id"]) for m in orjson.loads(models.content).get("data", [])]
         except httpx.HTTPError as exc:
             return HealthReport(False, time.perf_counter() - start, error=str(self._translate(exc)))
@@ -300,9 +324,13 @@ class OpenAICompatProvider:
         latency = time.perf_counter() - start
         if served and self.default_model not in served:
             return HealthReport(
-                False, latency, served,
-                error=(f"{self.config.model_env_var or 'model'}={self.default_model!r} is not served by "
-                       f"{self.endpoint}; it serves {served}"),
+                False,
+                latency,
+                served,
+                error=(
+                    f"{self.config.model_env_var or 'model'}={self.default_model!r} is not served by "
+                    f"{self.endpoint}; it serves {served}"
+                ),
             )
         return HealthReport(True, latency, served)
 

