@@ -88,9 +88,7 @@ def _status(env: Mapping[str, str], *, as_json: bool, timeout_s: float) -> int:
         return _report_unresolved(NOT_CONFIGURED_MESSAGE, EXIT_NOT_CONFIGURED, as_json)
 
     expected = env.get("MODAL_MODEL", "").strip() or DEFAULT_MODEL
-    status = asyncio.run(
-        probe_endpoint(endpoint.url, expected, headers=proxy_auth_headers(env), timeout_s=timeout_s)
-    )
+    status = asyncio.run(probe_endpoint(endpoint.url, expected, headers=proxy_auth_headers(env), timeout_s=timeout_s))
     if as_json:
         print(json.dumps({**status.to_dict(), "source": endpoint.source}, indent=2))
     else:
@@ -100,9 +98,7 @@ def _status(env: Mapping[str, str], *, as_json: bool, timeout_s: float) -> int:
 
 def _report_unresolved(message: str, code: int, as_json: bool) -> int:
     if as_json:
-        print(
-            json.dumps({"ok": False, "configured": code != EXIT_NOT_CONFIGURED, "message": message})
-        )
+        print(json.dumps({"ok": False, "configured": code != EXIT_NOT_CONFIGURED, "message": message}))
     else:
         print(message, file=sys.stderr)
     return code

@@ -54,7 +54,7 @@ MINUTES = 60  # seconds
 HF_HUB_REQUIREMENT = "huggingface_hub[hf_transfer]==0.36.0"
 
 # The first cold start downloads ~15 GB of weights and compiles CUDA graphs before the port
-# opens; later starts load from the cache volumes in well under a minute.
+# opens; later starts read both from the cache volumes and are much shorter.
 STARTUP_TIMEOUT_S = 20 * MINUTES
 
 # Longest a single HTTP request may run; Modal's proxy already redirects after 150 s, so this
@@ -199,9 +199,7 @@ def _wait_until_healthy(client: httpx.Client, base_url: str, timeout_s: float) -
         time.sleep(HEALTH_POLL_INTERVAL_S)
 
 
-def _stream_chat(
-    client: httpx.Client, base_url: str, model: str, prompt: str, max_tokens: int
-) -> None:
+def _stream_chat(client: httpx.Client, base_url: str, model: str, prompt: str, max_tokens: int) -> None:
     body = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],

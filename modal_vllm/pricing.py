@@ -42,9 +42,7 @@ def price_usd_per_hour(gpu: str) -> float:
     try:
         return GPU_PRICE_USD_PER_HOUR[gpu.upper()]
     except KeyError:
-        raise ValueError(
-            f"no price for GPU type {gpu!r}; priced: {', '.join(GPU_PRICE_USD_PER_HOUR)}"
-        ) from None
+        raise ValueError(f"no price for GPU type {gpu!r}; priced: {', '.join(GPU_PRICE_USD_PER_HOUR)}") from None
 
 
 def hours_for_budget(budget_usd: float, gpu: str) -> float:
@@ -83,9 +81,7 @@ def cost_usd(gpu: str, hours: float) -> float:
     return price_usd_per_hour(gpu) * hours
 
 
-def billed_hours_per_burst(
-    busy_s: float, scaledown_window_s: float, cold_start_s: float = 30.0
-) -> float:
+def billed_hours_per_burst(busy_s: float, scaledown_window_s: float, cold_start_s: float = 30.0) -> float:
     """Container hours billed for one burst of traffic that starts from zero containers.
 
     The container is billed while it boots, while it serves, and for the whole scale-down
@@ -185,7 +181,5 @@ def format_budget_table(budget_usd: float = DEFAULT_MONTHLY_BUDGET_USD) -> str:
         "|---|---:|---:|---:|",
     ]
     for row in budget_table(budget_usd):
-        lines.append(
-            f"| {row.gpu} | {row.usd_per_hour:.2f} | {row.hours:.1f} | {row.bursts_5min_window} |"
-        )
+        lines.append(f"| {row.gpu} | {row.usd_per_hour:.2f} | {row.hours:.1f} | {row.bursts_5min_window} |")
     return "\n".join(lines) + "\n"

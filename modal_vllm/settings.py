@@ -142,8 +142,7 @@ class DeploymentSettings:
             model_revision=revision,
             gpu=gpu,
             scaledown_window_minutes=window,
-            max_concurrent_requests=_positive_int(env, "MAX_CONCURRENT_REQUESTS")
-            or DEFAULT_MAX_CONCURRENT_REQUESTS,
+            max_concurrent_requests=_positive_int(env, "MAX_CONCURRENT_REQUESTS") or DEFAULT_MAX_CONCURRENT_REQUESTS,
             max_model_len=_positive_int(env, "MODAL_MAX_MODEL_LEN") or DEFAULT_MAX_MODEL_LEN,
             require_proxy_auth=_bool(env, "MODAL_REQUIRE_PROXY_AUTH", default=True),
             vllm_api_key_secret=_get(env, "MODAL_VLLM_API_KEY_SECRET"),

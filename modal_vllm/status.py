@@ -282,9 +282,7 @@ async def _probe(
     except ValueError as exc:
         status.error = f"GET {url}/v1/models returned an unexpected body: {exc}"
         return
-    status.model_matches = not status.expected_model or (
-        status.expected_model in status.served_models
-    )
+    status.model_matches = not status.expected_model or (status.expected_model in status.served_models)
 
 
 def _health_error(url: str, code: int, headers: Mapping[str, str]) -> str:
@@ -302,10 +300,7 @@ def _health_error(url: str, code: int, headers: Mapping[str, str]) -> str:
             "check `modal app logs` if it persists"
         )
     if code == 404:
-        return (
-            f"GET {url}/health answered 404: no app at this URL; "
-            f"check MODAL_WEB_URL or {DEPLOY_HINT}"
-        )
+        return f"GET {url}/health answered 404: no app at this URL; check MODAL_WEB_URL or {DEPLOY_HINT}"
     return f"GET {url}/health answered HTTP {code}"
 
 
@@ -318,7 +313,7 @@ def _model_ids(body: Any) -> list[str]:
 
 def _scrub(text: str, secrets: list[str]) -> str:
     # Belt and braces: no message we build includes headers, but exception texts are not ours.
-    for secret in secrets:
+    for secret in filter(None, secrets):  # replacing "" would splice *** between every char
         text = text.replace(secret, "***")
     return text
 
@@ -328,9 +323,7 @@ def _from_web_url(env: Mapping[str, str]) -> ResolvedEndpoint | None:
     if not raw:
         return None
     if not raw.startswith(("https://", "http://")):
-        raise ValueError(
-            f"MODAL_WEB_URL must start with https:// (or http:// for a local server), got {raw!r}"
-        )
+        raise ValueError(f"MODAL_WEB_URL must start with https:// (or http:// for a local server), got {raw!r}")
     return ResolvedEndpoint(url=raw.rstrip("/"), source="MODAL_WEB_URL")
 
 
@@ -370,8 +363,7 @@ def _modal_sdk_lookup(app_name: str, function_name: str, env: Mapping[str, str])
 def _from_looked_up(url: str | None) -> ResolvedEndpoint:
     if not url:
         raise EndpointLookupError(
-            f"Modal app {APP_NAME!r} function {FUNCTION_NAME!r} has no web URL; "
-            f"{DEPLOY_HINT}, or set MODAL_WEB_URL"
+            f"Modal app {APP_NAME!r} function {FUNCTION_NAME!r} has no web URL; {DEPLOY_HINT}, or set MODAL_WEB_URL"
         )
     return ResolvedEndpoint(url=url.rstrip("/"), source="modal-sdk")
 

@@ -17,6 +17,7 @@ from service.config import Settings
 from service.providers.base import Provider
 from service.providers.registry import build_chain, plan_chain
 from service.router import Router
+from service.security import Security
 from service.servicer import InferenceServicer
 
 log = logging.getLogger(__name__)
@@ -40,14 +41,14 @@ class Gateway:
             providers = build_chain(settings)
         self.router = Router(providers, settings)
         self.health = HealthServicer()
+        self.security = Security(settings)
         self._interceptors = list(interceptors)
         self.server: grpc.aio.Server | None = None
         self.port = 0
-        self._in_flight = 0
 
     def in_flight(self) -> int:
-        """Calls being served now (kept by the admission interceptor when installed)."""
-        return self._in_flight
+        """Calls being served now (kept by the admission interceptor)."""
+        return self.security.in_flight
 
     async def _publish_health(self) -> None:
         status = (
@@ -59,10 +60,14 @@ class Gateway:
         await self.health.set(SERVICE_NAME, status)
 
     def _bind(self, server: grpc.aio.Server) -> int:
+        credentials = self.security.server_credentials()
+        if credentials is not None:
+            return int(server.add_secure_port(self.settings.grpc_listen_address, credentials))
         return int(server.add_insecure_port(self.settings.grpc_listen_address))
 
     async def start(self) -> int:
         """Starts providers and the server; returns the bound port."""
+        self.security.check_bind()
         self.router.monitor.on_change = self._publish_health
         await self.router.start()
         options = [
@@ -73,7 +78,8 @@ class Gateway:
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.keepalive_permit_without_calls", 1),
         ]
-        server = grpc.aio.server(options=options, interceptors=self._interceptors)
+        interceptors = [*self.security.interceptors(), *self._interceptors]
+        server = grpc.aio.server(options=options, interceptors=interceptors)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
             InferenceServicer(self.router, self.settings, self.in_flight), server
         )

@@ -118,9 +118,7 @@ def test_import_defines_app_offline_and_serve_starts_vllm_without_shell() -> Non
     assert seen["secret_count"] == 0
     assert seen["volume_paths"] == ["/root/.cache/huggingface", "/root/.cache/vllm"]
     # The key reaches vLLM from the container's environment, and no shell is involved.
-    assert seen["popen_calls"] == [
-        {"argv": [*DEFAULT_ARGV, "--api-key", "container-key"], "kwargs": []}
-    ]
+    assert seen["popen_calls"] == [{"argv": [*DEFAULT_ARGV, "--api-key", "container-key"], "kwargs": []}]
 
 
 def test_import_with_overrides_passes_settings_to_the_container() -> None:
@@ -211,9 +209,7 @@ def test_non_numeric_scaledown_window_names_variable_and_value() -> None:
     with pytest.raises(ValueError) as excinfo:
         DeploymentSettings.from_env({"MODAL_SCALEDOWN_WINDOW_MINUTES": "five"})
 
-    assert (
-        str(excinfo.value) == "MODAL_SCALEDOWN_WINDOW_MINUTES must be a positive number, got 'five'"
-    )
+    assert str(excinfo.value) == "MODAL_SCALEDOWN_WINDOW_MINUTES must be a positive number, got 'five'"
 
 
 @pytest.mark.parametrize("raw", ["0", "-1", "nan", "inf"])
@@ -241,10 +237,7 @@ def test_bad_integers_name_the_variable(name: str, raw: str) -> None:
 
 
 def test_proxy_auth_opt_out_and_typo() -> None:
-    assert (
-        DeploymentSettings.from_env({"MODAL_REQUIRE_PROXY_AUTH": "false"}).require_proxy_auth
-        is False
-    )
+    assert DeploymentSettings.from_env({"MODAL_REQUIRE_PROXY_AUTH": "false"}).require_proxy_auth is False
     with pytest.raises(ValueError, match="MODAL_REQUIRE_PROXY_AUTH must be true or false"):
         DeploymentSettings.from_env({"MODAL_REQUIRE_PROXY_AUTH": "nope"})
 

@@ -62,10 +62,7 @@ class StandIn:
                     time.sleep(behaviour.health_delay_s)
                     return self._send(behaviour.health_status, None)
                 if self.path == "/v1/models":
-                    data = [
-                        {"id": m, "object": "model", "max_model_len": 4096}
-                        for m in behaviour.models
-                    ]
+                    data = [{"id": m, "object": "model", "max_model_len": 4096} for m in behaviour.models]
                     return self._send(200, {"object": "list", "data": data})
                 return self._send(404, {"error": "not found"})
 
@@ -230,9 +227,7 @@ def test_resolve_with_tokens_looks_up_the_deployed_function() -> None:
         calls.append((app, function, env["MODAL_TOKEN_ID"]))
         return "https://ws--multi-agent-vllm-inference-serve.modal.run/"
 
-    endpoint = resolve_endpoint(
-        {"MODAL_TOKEN_ID": "ak-1", "MODAL_TOKEN_SECRET": "as-2"}, lookup=lookup
-    )
+    endpoint = resolve_endpoint({"MODAL_TOKEN_ID": "ak-1", "MODAL_TOKEN_SECRET": "as-2"}, lookup=lookup)
 
     assert calls == [("multi-agent-vllm-inference", "serve", "ak-1")]
     assert endpoint is not None and endpoint.source == "modal-sdk"
@@ -268,9 +263,7 @@ def test_lookup_that_hangs_times_out() -> None:
 
     started = time.monotonic()
     with pytest.raises(EndpointLookupError, match=r"no answer from Modal within 0\.2 s"):
-        resolve_endpoint(
-            {"MODAL_TOKEN_ID": "a", "MODAL_TOKEN_SECRET": "b"}, lookup=lookup, lookup_timeout_s=0.2
-        )
+        resolve_endpoint({"MODAL_TOKEN_ID": "a", "MODAL_TOKEN_SECRET": "b"}, lookup=lookup, lookup_timeout_s=0.2)
     assert time.monotonic() - started < 2
 
 

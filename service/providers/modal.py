@@ -19,6 +19,7 @@ import os
 
 from service.config import Settings
 from service.errors import ConfigError
+from service.providers.base import HealthReport
 from service.providers.openai_compat import OpenAICompatConfig, OpenAICompatProvider
 
 log = logging.getLogger(__name__)
@@ -78,3 +79,13 @@ class ModalProvider(OpenAICompatProvider):
             self._url = self.endpoint + "/v1/chat/completions"
             log.info("resolved the Modal endpoint through the modal SDK: %s", self.endpoint)
         await super().start()
+
+    async def check_health(self, timeout_s: float) -> HealthReport:
+        """The operator's status probe (``python -m modal_vllm status``), reused: /health,
+        /v1/models, and whether MODAL_MODEL is among the served models."""
+        from modal_vllm.status import probe_endpoint
+
+        status = await probe_endpoint(self.endpoint, self.default_model, headers=dict(self.config.headers),
+                                      client=self.client, timeout_s=timeout_s)
+        return HealthReport(ok=status.ok, latency_s=status.probe_latency_s, served_models=list(status.served_models),
+                            error="" if status.ok else status.message)

@@ -62,14 +62,21 @@ class FakeAnthropic(FakeUpstream):
         *,
         api_key: str | None = None,
         require_version_header: bool = True,
+        strict_roles: bool = True,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
-        """``models=None`` accepts any model name; a list makes other names 404."""
+        """``models=None`` accepts any model name; a list makes other names 404.
+
+        ``strict_roles`` rejects ``system``-role messages, a first turn that is not ``user`` and
+        non-alternating roles (the classic API rules; SDK 2.14's docs say consecutive turns are
+        now merged and its types include a system-role message, so turn it off to be lenient).
+        """
         super().__init__(host=host, port=port)
         self.models = list(models) if models is not None else None
         self.api_key = api_key
         self.require_version_header = require_version_header
+        self.strict_roles = strict_roles
 
     def response_headers(self) -> dict[str, str]:
         """Every response carries a ``request-id`` like the real API."""
@@ -121,6 +128,8 @@ class FakeAnthropic(FakeUpstream):
         expected = "user"
         for i, msg in enumerate(messages):
             role = msg.get("role") if isinstance(msg, dict) else None
+            if not self.strict_roles and role in ("user", "assistant", "system"):
+                continue
             if role == "system":
                 return (
                     f'messages.{i}.role: Unexpected role "system". The Messages API accepts a '
@@ -209,31 +218,30 @@ class FakeAnthropic(FakeUpstream):
         """message_start, content_block_start, ping."""
         block = {"type": "text", "text": ""}
         return [
-            _event("message_start", {
-                "type": "message_start",
-                "message": self._message(ctx, Ok(), [], None, 1),
-            }),
-            _event("content_block_start",
-                   {"type": "content_block_start", "index": 0, "content_block": block}),
+            _event(
+                "message_start",
+                {
+                    "type": "message_start",
+                    "message": self._message(ctx, Ok(), [], None, 1),
+                },
+            ),
+            _event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block}),
             _event("ping", {"type": "ping"}),
-        ]  # fmt: skip
+        ]
 
     def sse_token(self, ctx: ChatContext, i: int, text: str, finish: str | None) -> bytes:
         """content_block_delta with a text_delta."""
         delta = {"type": "text_delta", "text": text}
-        return _event(
-            "content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}
-        )
+        return _event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
 
     def sse_finish(self, ctx: ChatContext, finish: str, n: int, already: bool) -> list[bytes]:
         """content_block_stop, message_delta (stop_reason, output_tokens), message_stop."""
         delta = {"stop_reason": STOP_REASONS.get(finish, finish), "stop_sequence": None}
         return [
             _event("content_block_stop", {"type": "content_block_stop", "index": 0}),
-            _event("message_delta",
-                   {"type": "message_delta", "delta": delta, "usage": {"output_tokens": n}}),
+            _event("message_delta", {"type": "message_delta", "delta": delta, "usage": {"output_tokens": n}}),
             _event("message_stop", {"type": "message_stop"}),
-        ]  # fmt: skip
+        ]
 
     def sse_end_without_finish(self, ctx: ChatContext, n: int) -> list[bytes]:
         """content_block_stop and message_stop, but no message_delta (stop_reason stays null)."""

@@ -222,9 +222,7 @@ class RecordedRequest:
     events_sent: int = 0
     _closed: threading.Event = field(default_factory=threading.Event, repr=False)
 
-    def _finish(
-        self, *, completed: bool = False, client_closed: bool = False, aborted: bool = False
-    ) -> None:
+    def _finish(self, *, completed: bool = False, client_closed: bool = False, aborted: bool = False) -> None:
         """Record how the exchange ended; only the first call counts."""
         if self._closed.is_set():
             return
@@ -511,9 +509,7 @@ class FakeUpstream:
         """Start the server."""
         return self.start()
 
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         """Stop the server."""
         self.stop()
 
@@ -587,9 +583,7 @@ class FakeUpstream:
     def _matching(self, chat_only: bool) -> list[RecordedRequest]:
         return [r for r in self._records if not chat_only or r.path == self.chat_path]
 
-    def wait_for_requests(
-        self, n: int, timeout: float = 5.0, *, chat_only: bool = True
-    ) -> list[RecordedRequest]:
+    def wait_for_requests(self, n: int, timeout: float = 5.0, *, chat_only: bool = True) -> list[RecordedRequest]:
         """Block until ``n`` (chat) requests were recorded; raises ``TimeoutError``."""
         with self._cond:
             if not self._cond.wait_for(lambda: len(self._matching(chat_only)) >= n, timeout):
@@ -635,9 +629,7 @@ class FakeUpstream:
             self._relisten.cancel()
             self._relisten = None
         if self._server is None:
-            self._server = await asyncio.start_server(
-                self._on_connection, self.host, self._port, reuse_address=True
-            )
+            self._server = await asyncio.start_server(self._on_connection, self.host, self._port, reuse_address=True)
             self._port = self._server.sockets[0].getsockname()[1]
 
     async def _unlisten(self, drop_connections: bool) -> None:
@@ -682,9 +674,7 @@ class FakeUpstream:
             parsed = json.loads(body) if body else None
         except ValueError:
             parsed = None
-        rec = RecordedRequest(
-            method, path, query, headers, body, parsed, time.monotonic(), conn.cid
-        )
+        rec = RecordedRequest(method, path, query, headers, body, parsed, time.monotonic(), conn.cid)
         with self._cond:
             self._records.append(rec)
             self._cond.notify_all()
@@ -839,9 +829,7 @@ class FakeUpstream:
         """The provider's JSON error body for ``status``."""
         raise NotImplementedError
 
-    async def send_error(
-        self, ex: Exchange, status: int, message: str, error_type: str | None = None
-    ) -> None:
+    async def send_error(self, ex: Exchange, status: int, message: str, error_type: str | None = None) -> None:
         """Answer with the provider's error body."""
         await ex.respond(status, self.error_body(status, message, error_type))
 

@@ -87,10 +87,9 @@ class FakeOpenAI(FakeUpstream):
                 return
         if route == ("GET", "/v1/models"):
             data = [
-                {"id": m, "object": "model", "owned_by": "vllm", "root": m,
-                 "max_model_len": self.max_model_len}
+                {"id": m, "object": "model", "owned_by": "vllm", "root": m, "max_model_len": self.max_model_len}
                 for m in self.models
-            ]  # fmt: skip
+            ]
             await ex.respond(200, dumps({"object": "list", "data": data}))
         elif route == ("POST", self.chat_path):
             await self._chat(rec, ex)
@@ -126,9 +125,7 @@ class FakeOpenAI(FakeUpstream):
             body=body,
             model=model,
             stream=stream,
-            prompt_tokens=sum(
-                count_words(m.get("content")) for m in messages if isinstance(m, dict)
-            ),
+            prompt_tokens=sum(count_words(m.get("content")) for m in messages if isinstance(m, dict)),
             max_tokens=body.get("max_completion_tokens") or body.get("max_tokens"),
             response_id=f"chatcmpl-{uuid.uuid4().hex}",
             include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
@@ -244,5 +241,4 @@ class FakeOpenAI(FakeUpstream):
 
     def sse_error(self, ctx: ChatContext, beh: InBandError) -> list[bytes]:
         """``data: {"error": {...}}`` then ``[DONE]``, as vLLM does mid-stream."""
-        return [b"data: " + self.error_body(500, beh.message, beh.error_type) + b"\n\n",
-                b"data: [DONE]\n\n"]  # fmt: skip
+        return [b"data: " + self.error_body(500, beh.message, beh.error_type) + b"\n\n", b"data: [DONE]\n\n"]
