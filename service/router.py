@@ -36,7 +36,7 @@ from service.errors import (
 )
 from service.health import CircuitBreaker, HealthMonitor, HealthState, ProviderSlot, Warmth
 from service.providers.base import ChatRequest, ChatResult, Provider, StreamEnd, StreamItem
-from service.telemetry import RouteTrace
+from service.telemetry import RouteTrace, RpcStats, current_rpc
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +237,8 @@ class Router:
     def _record(self, call: _Call, slot: ProviderSlot, err: BaseException | None, started: float) -> None:
         """Books one attempt's outcome; raises at once for the caller's own mistakes."""
         duration = time.perf_counter() - started
+        if call.stats is not None and not call.streaming:
+            call.stats.upstream_s += duration
         slot.counters.attempts += 1
         if err is None:
             slot.record_success()
@@ -279,6 +281,8 @@ class Router:
     def _call(self, request: ChatRequest, deadline: float | None, policy: str | None, rpc: str) -> _Call:
         policy = policy or self.settings.cold_start_policy
         return _Call(
+            stats=current_rpc.get(),
+            streaming=rpc == "ChatStream",
             deadline=deadline, policy=policy, trace=RouteTrace(rpc, request, [s.name for s in self.slots], policy)
         )
 
@@ -310,6 +314,7 @@ class Router:
                 span.succeeded(result.id, result.model, result.finish_reason.value, result.usage)
                 span.end()
                 call.trace.served(slot.name, len(call.attempts))
+                call.served(slot.name, result.usage.prompt_tokens, result.usage.completion_tokens)
                 return Routed(result, slot.name, tuple(call.attempts))
             err = self._exhausted(call, request)
             call.trace.failed(err)
@@ -324,6 +329,7 @@ class Router:
         closes the upstream response, which aborts generation there.
         """
         call = self._call(request, deadline, policy, "ChatStream")
+        upstream_s = 0.0  # time awaiting the provider; the rest of the call is the gateway's
         with call.trace.scope():
             serving: tuple[ProviderSlot, AsyncGenerator[StreamItem, None], StreamItem] | None = None
             async for step, n in self._walk(call):
@@ -343,12 +349,14 @@ class Router:
                     raise
                 except Exception as exc:
                     await gen.aclose()
+                    upstream_s += time.perf_counter() - started
                     try:
                         self._record(call, slot, exc, started)
                     finally:
                         span.failed(call.last_error)
                         span.end()
                     continue
+                upstream_s += time.perf_counter() - started
                 span.first_chunk()
                 serving = (slot, gen, first)
                 break
@@ -367,12 +375,15 @@ class Router:
                             self._record(call, slot, None, started)
                             span.succeeded(item.id, item.model, item.finish_reason.value, item.usage)
                             call.trace.served(slot.name, len(call.attempts))
+                            call.served(slot.name, item.usage.prompt_tokens, item.usage.completion_tokens)
                             yield RoutedEnd(item, slot.name, tuple(call.attempts))
                             return
                         sent += 1
                         yield item
                         idle.reschedule(loop.time() + idle_s)
+                        waited = time.perf_counter()
                         item = await anext(events)
+                        upstream_s += time.perf_counter() - waited
                         idle.reschedule(None)
             except (asyncio.CancelledError, GeneratorExit):
                 slot.breaker.release_probe()  # the caller went away: no verdict on the provider
@@ -395,6 +406,8 @@ class Router:
                 raise err from exc
             finally:
                 span.end()
+                if call.stats is not None:
+                    call.stats.upstream_s += upstream_s
 
 
 @dataclass(slots=True)
@@ -408,3 +421,13 @@ class _Call:
     errors: dict[str, GatewayError] = field(default_factory=dict)
     last_error: GatewayError | None = None
     budget_s: float = 0.0
+    stats: RpcStats | None = None
+    streaming: bool = False
+
+    def served(self, provider: str, prompt_tokens: int, completion_tokens: int) -> None:
+        """Fills the RPC's stats for the access log."""
+        if self.stats is not None:
+            self.stats.provider = provider
+            self.stats.attempts = len(self.attempts)
+            self.stats.prompt_tokens = prompt_tokens
+            self.stats.completion_tokens = completion_tokens

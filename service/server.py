@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from inference.v1 import inference_pb2, inference_pb2_grpc
 
 from service.config import Settings
+from service.interceptors import TelemetryInterceptor
 from service.providers.base import Provider
 from service.providers.registry import build_chain, plan_chain
 from service.router import Router
@@ -78,7 +79,8 @@ class Gateway:
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.keepalive_permit_without_calls", 1),
         ]
-        interceptors = [*self.security.interceptors(), *self._interceptors]
+        # Telemetry outermost: rejected calls (auth, admission) get spans and access-log lines too.
+        interceptors = [TelemetryInterceptor(), *self.security.interceptors(), *self._interceptors]
         server = grpc.aio.server(options=options, interceptors=interceptors)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
             InferenceServicer(self.router, self.settings, self.in_flight), server
@@ -111,6 +113,9 @@ class Gateway:
 
 async def serve(settings: Settings) -> None:
     """Runs until SIGTERM or SIGINT, then drains for SHUTDOWN_GRACE_S and returns."""
+    from service.otel_setup import setup_telemetry
+
+    telemetry = setup_telemetry(settings)
     gateway = Gateway(settings)
     await gateway.start()
     stop = asyncio.Event()
@@ -120,4 +125,5 @@ async def serve(settings: Settings) -> None:
     await stop.wait()
     log.info("shutting down: draining for up to %.1f s", settings.shutdown_grace_s)
     await gateway.stop()
+    telemetry.shutdown()
     log.info("stopped")

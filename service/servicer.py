@@ -50,7 +50,6 @@ _WARMTH = {
     Warmth.WARM: pb.WARMTH_WARM,
 }
 
-OVERHEAD_METADATA_KEY = "x-gateway-overhead-ms"
 
 
 def _usage(u: Usage) -> pb.Usage:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -30,6 +32,21 @@ from service.providers.base import ChatRequest, Provider, Usage
 tracer = trace.get_tracer("inference-gateway")
 
 _PROVIDER_KIND_TO_SEMCONV = {"vllm": "vllm", "llama.cpp": "llama.cpp", "anthropic": "anthropic"}
+
+
+@dataclass(slots=True)
+class RpcStats:
+    """Per-RPC figures filled in by the router and read by the server interceptor (access log,
+    overhead metric and trailing metadata). gRPC-free, so the router can fill it."""
+
+    upstream_s: float = 0.0  # time spent awaiting provider calls
+    provider: str = ""
+    attempts: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+current_rpc: ContextVar[RpcStats | None] = ContextVar("current_rpc", default=None)
 
 
 class AttemptSpan:

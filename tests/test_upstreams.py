@@ -143,6 +143,7 @@ async def test_openai_stream_sequence(oai: FakeOpenAI, http: httpx.AsyncClient) 
     assert chunks[4]["choices"] == [] and chunks[4]["usage"]["completion_tokens"] == 2
     assert chunks[5] == "[DONE]" and len(chunks) == 6
     assert all(c["object"] == "chat.completion.chunk" for c in chunks[:5])
+    assert {c["model"] for c in chunks[:5]} == {"served-as"}
     assert oai.chat_requests[0].completed and oai.chat_requests[0].events_sent == 6
 
 
@@ -190,7 +191,7 @@ async def test_openai_scripted_statuses(oai: FakeOpenAI, http: httpx.AsyncClient
         Status(429, retry_after_s=2),
         Status(401),
         Status(403),
-        Status(418, body="teapot"),
+        Status(418, body="teapot", headers=(("X-Extra", "1"),)),
         UnknownModel(),
         ContextTooLong(),
         Overloaded(),
@@ -208,6 +209,7 @@ async def test_openai_scripted_statuses(oai: FakeOpenAI, http: httpx.AsyncClient
     }
     assert got[3].headers["retry-after"] == "2"
     assert got[6].text == "teapot" and got[6].headers["content-type"].startswith("text/plain")
+    assert got[6].headers["x-extra"] == "1"
     assert got[7].json()["error"]["message"] == f"The model `{MODEL}` does not exist."
     msg = got[8].json()["error"]["message"]
     assert msg.startswith("This model's maximum context length is 4096 tokens. However, you")

@@ -23,6 +23,7 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 import anthropic
+import httpx2  # the SDK's HTTP client (a fork of httpx); mid-stream transport errors surface raw
 
 from service.config import Settings
 from service.errors import (
@@ -130,6 +131,10 @@ class AnthropicProvider:
 
     def _translate(self, exc: Exception, model: str) -> ProviderError | InvalidRequestError:
         """The one place SDK exceptions become domain errors."""
+        if isinstance(exc, httpx2.TimeoutException):
+            return ProviderTimeoutError(self.name, f"anthropic stream timed out: {type(exc).__name__}")
+        if isinstance(exc, httpx2.TransportError):
+            return ProviderUnavailableError(self.name, f"anthropic connection failed: {type(exc).__name__}: {exc}")
         if isinstance(exc, anthropic.APITimeoutError):
             return ProviderTimeoutError(self.name, f"anthropic timed out: {exc}")
         if isinstance(exc, anthropic.APIConnectionError):
@@ -204,7 +209,7 @@ class AnthropicProvider:
             if not stopped:
                 raise ProviderProtocolError(self.name, "anthropic ended the stream without message_stop")
             yield StreamEnd(msg_id, model, finish_reason(stop), Usage(input_tokens, output_tokens))
-        except anthropic.AnthropicError as exc:
+        except (anthropic.AnthropicError, httpx2.TransportError) as exc:
             raise self._translate(exc, params["model"]) from exc
         finally:
             await events.close()

@@ -188,14 +188,12 @@ class FakeAnthropic(FakeUpstream):
             return 529, self.error_body(529, "Overloaded")
         raise TypeError(f"unsupported behaviour {beh!r}")
 
-    def _message(
-        self, ctx: ChatContext, ok: Ok, content: list[dict[str, Any]], stop: str | None, n: int
-    ) -> dict[str, Any]:
+    def _message(self, ctx: ChatContext, content: list[dict[str, Any]], stop: str | None, n: int) -> dict[str, Any]:
         return {
             "id": ctx.response_id,
             "type": "message",
             "role": "assistant",
-            "model": ok.model or ctx.model,
+            "model": ctx.model,
             "content": content,
             "stop_reason": stop,
             "stop_sequence": None,
@@ -212,7 +210,7 @@ class FakeAnthropic(FakeUpstream):
         """A ``message`` object with one text block."""
         stop = STOP_REASONS.get(finish, finish) if finish is not None else None
         content = [{"type": "text", "text": "".join(tokens)}]
-        return dumps(self._message(ctx, ok, content, stop, len(tokens)))
+        return dumps(self._message(ctx, content, stop, len(tokens)))
 
     def sse_preamble(self, ctx: ChatContext) -> list[bytes]:
         """message_start, content_block_start, ping."""
@@ -222,7 +220,7 @@ class FakeAnthropic(FakeUpstream):
                 "message_start",
                 {
                     "type": "message_start",
-                    "message": self._message(ctx, Ok(), [], None, 1),
+                    "message": self._message(ctx, [], None, 1),
                 },
             ),
             _event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block}),

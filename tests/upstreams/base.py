@@ -75,13 +75,15 @@ class Status:
     """Answer ``code`` at once (500/502/503/429/401/403...).
 
     ``body``: dict -> JSON, str/bytes -> raw (``content_type`` defaults to text/plain); None -> the
-    provider's own error body for that code. ``retry_after_s`` adds a ``Retry-After`` header.
+    provider's own error body for that code. ``retry_after_s`` adds a ``Retry-After`` header;
+    ``headers`` adds any others (e.g. ``(("location", "https://..."),)`` for Modal's 303).
     """
 
     code: int
     body: dict[str, Any] | str | bytes | None = None
     retry_after_s: float | None = None
     content_type: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -721,7 +723,7 @@ class FakeUpstream:
             await self._run_unary(ctx, beh, ex)
 
     async def _send_status(self, ctx: ChatContext, beh: Status, ex: Exchange) -> None:
-        headers = {}
+        headers = {k.lower(): v for k, v in beh.headers}
         if beh.retry_after_s is not None:
             headers["retry-after"] = f"{beh.retry_after_s:g}"
         if beh.body is None:
@@ -736,16 +738,19 @@ class FakeUpstream:
     def _plan(self, ctx: ChatContext, beh: Behaviour) -> tuple[Ok, int | None]:
         """The answer to produce and the token index where the fault fires (None: no fault)."""
         if isinstance(beh, Ok):
-            return beh, None
-        if isinstance(beh, StallBeforeFirstToken):
-            return beh.then, None
-        if isinstance(beh, StallAfter):
-            return beh.then or Ok(n_tokens=beh.n_chunks + 2), beh.n_chunks
-        if isinstance(beh, ResetAfter | EndWithoutFinish):
-            return Ok(n_tokens=beh.n_chunks), beh.n_chunks
-        if isinstance(beh, MalformedSSE | InBandError):
-            return Ok(n_tokens=beh.after_n_chunks), beh.after_n_chunks
-        raise TypeError(f"unsupported behaviour {beh!r}")
+            ok, fault_at = beh, None
+        elif isinstance(beh, StallBeforeFirstToken):
+            ok, fault_at = beh.then, None
+        elif isinstance(beh, StallAfter):
+            ok, fault_at = beh.then or Ok(n_tokens=beh.n_chunks + 2), beh.n_chunks
+        elif isinstance(beh, ResetAfter | EndWithoutFinish):
+            ok, fault_at = Ok(n_tokens=beh.n_chunks), beh.n_chunks
+        elif isinstance(beh, MalformedSSE | InBandError):
+            ok, fault_at = Ok(n_tokens=beh.after_n_chunks), beh.after_n_chunks
+        else:
+            raise TypeError(f"unsupported behaviour {beh!r}")
+        ctx.model = ok.model or ctx.model
+        return ok, fault_at
 
     @staticmethod
     def _truncate(ctx: ChatContext, ok: Ok) -> tuple[list[str], str]:
@@ -756,7 +761,7 @@ class FakeUpstream:
 
     async def _run_stream(self, ctx: ChatContext, beh: Behaviour, ex: Exchange) -> None:
         ok, fault_at = self._plan(ctx, beh)
-        tokens, finish = self._truncate(ctx, ok) if fault_at is None else (ok.token_list(), "stop")
+        tokens, finish = self._truncate(ctx, ok)
         stall = beh if isinstance(beh, StallBeforeFirstToken) else None
         if stall is not None and not stall.send_headers:
             await ex.sleep(stall.seconds)

@@ -213,7 +213,7 @@ class FakeOpenAI(FakeUpstream):
             "id": ctx.response_id,
             "object": "chat.completion",
             "created": ctx.created,
-            "model": ok.model or ctx.model,
+            "model": ctx.model,
             "choices": [choice],
             "usage": self._usage(ctx, len(tokens)),
             "prompt_logprobs": None,
