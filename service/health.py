@@ -63,6 +63,7 @@ class CircuitBreaker:
         self._clock = clock
         self._opened_at: float | None = None
         self._probe_in_flight = False
+        self._probe_claimed_at = 0.0
         self.consecutive_failures = 0
         self.on_transition = on_transition
 
@@ -85,8 +86,12 @@ class CircuitBreaker:
         state = self.state
         if state is CircuitState.CLOSED:
             return True
-        if state is CircuitState.HALF_OPEN and not self._probe_in_flight:
+        # A probe claimed but never reported (its call ended first) expires after a cooldown.
+        if state is CircuitState.HALF_OPEN and (
+            not self._probe_in_flight or self._clock() - self._probe_claimed_at > self.cooldown_s
+        ):
             self._probe_in_flight = True
+            self._probe_claimed_at = self._clock()
             return True
         return False
 
@@ -143,7 +148,8 @@ class ProviderSlot:
     last_error: str = ""
     served_models: list[str] = field(default_factory=list)
     last_traffic_ok: float | None = None  # monotonic time of the last served call
-    last_probe_ok: float | None = None  # monotonic time of the last healthy probe
+    last_probe_ok: float | None = None  # monotonic time a probe last found a server answering
+    last_reachable: bool = False  # the last probe got an answer (maybe not a healthy one)
     waker: asyncio.Task[None] | None = None
     counters: Counters = field(default_factory=Counters)
 
@@ -168,10 +174,12 @@ class ProviderSlot:
         self.last_latency_s = report.latency_s
         if report.served_models:
             self.served_models = report.served_models
+        self.last_reachable = bool(report.reachable)
+        if report.reachable:
+            self.last_probe_ok = time.monotonic()
         if report.ok:
             self.state = HealthState.HEALTHY
             self.last_error = ""
-            self.last_probe_ok = time.monotonic()
         else:
             self.state = HealthState.UNHEALTHY
             self.last_error = report.error

@@ -104,14 +104,24 @@ class _Call:
         ctx = span.get_span_context()
         metrics.record_rpc(self.method, code, overhead if code == "OK" else None)
         if access_log.isEnabledFor(logging.INFO):
-            access_log.info(json.dumps({
-                "event": "rpc", "method": self.method, "code": code,
-                "latency_ms": round(elapsed * 1000, 3), "overhead_ms": round(overhead * 1000, 3),
-                "provider": stats.provider, "attempts": stats.attempts,
-                "prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
-                "trace_id": f"{ctx.trace_id:032x}" if ctx.is_valid else "",
-                "span_id": f"{ctx.span_id:016x}" if ctx.is_valid else "",
-            }, separators=(",", ":")))
+            access_log.info(
+                json.dumps(
+                    {
+                        "event": "rpc",
+                        "method": self.method,
+                        "code": code,
+                        "latency_ms": round(elapsed * 1000, 3),
+                        "overhead_ms": round(overhead * 1000, 3),
+                        "provider": stats.provider,
+                        "attempts": stats.attempts,
+                        "prompt_tokens": stats.prompt_tokens,
+                        "completion_tokens": stats.completion_tokens,
+                        "trace_id": f"{ctx.trace_id:032x}" if ctx.is_valid else "",
+                        "span_id": f"{ctx.span_id:016x}" if ctx.is_valid else "",
+                    },
+                    separators=(",", ":"),
+                )
+            )
         current_rpc.reset(self.stats_token)
         otel_context.detach(self.token)
 
@@ -172,7 +182,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         cached = self._cache.get(full)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        method = full[len(_PREFIX):]
+        method = full[len(_PREFIX) :]
         if handler.unary_unary is not None:
             wrapped = grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(method, handler.unary_unary),

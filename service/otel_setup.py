@@ -91,7 +91,11 @@ def setup_telemetry(settings: Settings, env: Mapping[str, str] | None = None) ->
 
     readers: list[Any] = []
     if metric_exp != "none":
-        from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, MetricExporter, PeriodicExportingMetricReader
+        from opentelemetry.sdk.metrics.export import (
+            ConsoleMetricExporter,
+            MetricExporter,
+            PeriodicExportingMetricReader,
+        )
 
         metric_exporter: MetricExporter
         if metric_exp == "console":

@@ -32,13 +32,17 @@ from service.errors import (
     ProviderModelNotFoundError,
     ProviderProtocolError,
     ProviderTimeoutError,
+    ProviderUnavailableError,
     StreamInterruptedError,
 )
-from service.health import CircuitBreaker, HealthMonitor, HealthState, ProviderSlot, Warmth
+from service.health import CircuitBreaker, CircuitState, HealthMonitor, HealthState, ProviderSlot, Warmth
 from service.providers.base import ChatRequest, ChatResult, Provider, StreamEnd, StreamItem
 from service.telemetry import RouteTrace, RpcStats, current_rpc
 
 log = logging.getLogger(__name__)
+
+# A timeout this close to the caller's deadline is the deadline's doing.
+_DEADLINE_SLACK_S = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,10 +145,13 @@ class Router:
             reason = ""
             others = n - 1 - i > 0 or bool(steps)
             warmth = slot.warmth(now)
-            if slot.breaker.state is not slot.breaker.state.CLOSED and not slot.breaker.allow():
+            if slot.breaker.state is not CircuitState.CLOSED:
+                if slot.breaker.allow():  # half-open: this call is the probe, whatever the health says
+                    steps.append(_Step(slot, wait_cold=False))
+                    continue
                 reason = "circuit_open"
-            elif slot.state is HealthState.UNHEALTHY and warmth is Warmth.NOT_APPLICABLE:
-                reason = "unhealthy"
+            elif slot.state is HealthState.UNHEALTHY and warmth in (Warmth.NOT_APPLICABLE, Warmth.WARM):
+                reason = "unhealthy"  # up but failing: waiting for a cold start will not cure it
             elif warmth in (Warmth.COLD, Warmth.WARMING):
                 if policy == "wait" or not others:
                     steps.append(_Step(slot, wait_cold=True))
@@ -181,6 +188,9 @@ class Router:
                 log.info("provider %s is warm again", slot.name)
                 RouteTrace.note_warm(slot.name)
                 return
+            if slot.last_reachable:
+                log.warning("provider %s is up but unhealthy: %s", slot.name, slot.last_error)
+                return
             await asyncio.sleep(self.settings.wake_poll_interval_s)
         log.warning("provider %s did not wake within %.0f s", slot.name, self.settings.cold_start_timeout_s)
 
@@ -196,18 +206,50 @@ class Router:
         cap = min(self.settings.retry_max_delay_s, self.settings.retry_initial_delay_s * 2 ** (retry - 1))
         return random.uniform(0, cap)
 
-    def _attempt_budget(self, step: _Step, deadline: float | None, first_token: bool) -> float:
+    def _attempt_budget(self, deadline: float | None, first_token: bool) -> float:
         limit = self.settings.request_timeout_s
-        if first_token and not step.wait_cold:
+        if first_token:
             limit = min(limit, self.settings.ttft_timeout_s)
-        if step.wait_cold:
-            limit = max(limit, self.settings.cold_start_timeout_s)
         remaining = self._remaining(deadline)
         return limit if remaining is None else max(0.0, min(limit, remaining))
 
+    async def _await_warm(self, slot: ProviderSlot, call: _Call, fallback_left: bool) -> GatewayError | None:
+        """Policy ``wait`` (or nothing else to try): waits for the shared wake-up to finish.
+
+        With a fallback left in the plan, at most half the remaining deadline is spent waiting,
+        so a cold start that overruns still leaves time for an answer from elsewhere.
+        """
+        self._wake(slot, call.trace)
+        waker = slot.waker
+        if waker is None:
+            return None
+        remaining = self._remaining(call.deadline)
+        limit = self.settings.cold_start_timeout_s
+        if remaining is not None:
+            budget = remaining / 2 if fallback_left else remaining - self.settings.min_attempt_time_s
+            limit = max(0.0, min(limit, budget))
+        call.trace.event("wait_cold_start", provider=slot.name, limit_s=round(limit, 3))
+        try:
+            await asyncio.wait_for(asyncio.shield(waker), limit)
+        except TimeoutError:
+            return ProviderTimeoutError(slot.name, f"{slot.name} did not finish its cold start within {limit:.1f} s")
+        if slot.state is not HealthState.HEALTHY:
+            return ProviderUnavailableError(slot.name, f"{slot.name} did not come up: {slot.last_error}")
+        return None
+
     async def _walk(self, call: _Call) -> AsyncIterator[tuple[_Step, int]]:
         """Yields (step, try number) in order; stops at the first success recorded in ``call``."""
-        for step in self._plan(call.policy, call.trace):
+        plan = self._plan(call.policy, call.trace)
+        for index, step in enumerate(plan):
+            if step.wait_cold:
+                started = time.perf_counter()
+                cold_error = await self._await_warm(step.slot, call, fallback_left=index < len(plan) - 1)
+                if cold_error is not None:
+                    call.attempts.append(Attempt(step.slot.name, cold_error, time.perf_counter() - started))
+                    call.errors[step.slot.name] = cold_error
+                    call.last_error = cold_error
+                    call.trace.event("fallback", provider=step.slot.name, reason=cold_error.reason)
+                    continue
             tries = 1 + self.settings.retry_max_retries
             for n in range(tries):
                 remaining = self._remaining(call.deadline)
@@ -246,6 +288,11 @@ class Router:
             call.attempts.append(Attempt(slot.name, None, duration))
             return
         if isinstance(err, TimeoutError):
+            remaining = self._remaining(call.deadline)
+            if remaining is not None and remaining <= _DEADLINE_SLACK_S:
+                # The caller's deadline ran out, not the provider's patience: no verdict on it.
+                slot.breaker.release_probe()
+                raise DeadlineExceededError(f"the call's deadline passed while waiting for {slot.name}") from err
             err = ProviderTimeoutError(slot.name, f"{slot.name} sent no token within {call.budget_s:.1f} s")
         elif isinstance(err, StopAsyncIteration):
             err = ProviderProtocolError(slot.name, f"{slot.name} ended the stream without a final message")
@@ -283,7 +330,9 @@ class Router:
         return _Call(
             stats=current_rpc.get(),
             streaming=rpc == "ChatStream",
-            deadline=deadline, policy=policy, trace=RouteTrace(rpc, request, [s.name for s in self.slots], policy)
+            deadline=deadline,
+            policy=policy,
+            trace=RouteTrace(rpc, request, [s.name for s in self.slots], policy),
         )
 
     async def chat(self, request: ChatRequest, deadline: float | None = None, policy: str | None = None) -> Routed:
@@ -292,7 +341,7 @@ class Router:
         with call.trace.scope():
             async for step, n in self._walk(call):
                 slot = step.slot
-                call.budget_s = self._attempt_budget(step, deadline, first_token=False)
+                call.budget_s = self._attempt_budget(deadline, first_token=False)
                 started = time.perf_counter()
                 span = call.trace.attempt(slot.provider, request, n, step.wait_cold)
                 try:
@@ -334,7 +383,7 @@ class Router:
             serving: tuple[ProviderSlot, AsyncGenerator[StreamItem, None], StreamItem] | None = None
             async for step, n in self._walk(call):
                 slot = step.slot
-                call.budget_s = self._attempt_budget(step, deadline, first_token=True)
+                call.budget_s = self._attempt_budget(deadline, first_token=True)
                 started = time.perf_counter()
                 gen = slot.provider.stream(request)
                 span = call.trace.attempt(slot.provider, request, n, step.wait_cold)

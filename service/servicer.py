@@ -51,7 +51,6 @@ _WARMTH = {
 }
 
 
-
 def _usage(u: Usage) -> pb.Usage:
     return pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens)
 

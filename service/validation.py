@@ -1,9 +1,19 @@
 """Request validation: proto request -> domain ChatRequest, or one INVALID_ARGUMENT naming every
-bad field. Runs before any provider is touched, so a caller's mistake costs no upstream call."""
+bad field. Runs before any provider is touched, so a caller's mistake costs no upstream call.
+
+Every field is checked: message count, each role (proto3 enums are open, so any int can arrive)
+and content (non-empty, no NUL, at most MAX_CONTENT_CHARS), the model id's length and alphabet,
+temperature and top_p ranges (NaN and infinities included), max_tokens against MAX_TOKENS_CAP,
+stop sequences, the seed, the cold-start policy, and the request's encoded size against
+MAX_REQUEST_BYTES (gRPC enforces the same limit on the wire; this keeps the rule true however the
+request arrived). Descriptions never quote the caller's text back, and at most
+``MAX_VIOLATIONS`` are reported, so the error always fits in gRPC's trailing metadata.
+"""
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from inference.v1 import inference_pb2 as pb
@@ -21,49 +31,50 @@ _POLICIES = {
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 200
 MAX_MODEL_CHARS = 256
+# Model ids travel in upstream URLs and JSON bodies: "Qwen/Qwen2.5-7B-Instruct", "claude-sonnet-4-5",
+# "org/model:tag@rev". Anything else is far more likely a mistake (or an injection) than a model.
+_MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]*")
+# The range every upstream accepts: llama.cpp takes a uint32 seed, vLLM and OpenAI an int64.
+MAX_SEED = 2**32 - 1
+# A status travels in trailing metadata, which clients cap (8 KiB by default): keep it well inside.
+MAX_VIOLATIONS = 20
 
 
-def to_domain(request: Any, settings: Settings) -> tuple[ChatRequest, str | None]:
-    """Validates a ChatRequest or ChatStreamRequest; returns (domain request, cold-start policy).
-
-    Raises:
-        InvalidRequestError: with one FieldViolation per bad field.
-    """
-    bad: list[FieldViolation] = []
+def _check_messages(request: Any, settings: Settings, bad: list[FieldViolation]) -> list[ChatMessage]:
     messages: list[ChatMessage] = []
-    if not request.messages:
+    count = len(request.messages)
+    if not count:
         bad.append(FieldViolation("messages", "at least one message is required"))
-    elif len(request.messages) > settings.max_messages:
-        bad.append(
-            FieldViolation(
-                "messages", f"at most {settings.max_messages} messages are allowed, got {len(request.messages)}"
+        return messages
+    if count > settings.max_messages:
+        bad.append(FieldViolation("messages", f"at most {settings.max_messages} messages are allowed, got {count}"))
+        return messages
+    for i, m in enumerate(request.messages):
+        role = _ROLES.get(m.role)
+        if role is None:
+            name = pb.Role.Name(m.role) if m.role in pb.Role.values() else str(m.role)
+            bad.append(
+                FieldViolation(f"messages[{i}].role", f"must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT, got {name}")
             )
-        )
-    else:
-        for i, m in enumerate(request.messages):
-            role = _ROLES.get(m.role)
-            if role is None:
-                name = pb.Role.Name(m.role) if m.role in pb.Role.values() else str(m.role)
-                bad.append(
-                    FieldViolation(
-                        f"messages[{i}].role", f"must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT, got {name}"
-                    )
+        content = m.content
+        if len(content) > settings.max_content_chars:
+            bad.append(
+                FieldViolation(
+                    f"messages[{i}].content", f"at most {settings.max_content_chars} characters, got {len(content)}"
                 )
-            if not m.content.strip():
-                bad.append(FieldViolation(f"messages[{i}].content", "must not be empty"))
-            elif len(m.content) > settings.max_content_chars:
-                bad.append(
-                    FieldViolation(
-                        f"messages[{i}].content",
-                        f"at most {settings.max_content_chars} characters, got {len(m.content)}",
-                    )
-                )
-            if role is not None:
-                messages.append(ChatMessage(role, m.content))
-        if messages and all(m.role == "system" for m in messages):
-            bad.append(FieldViolation("messages", "needs at least one ROLE_USER or ROLE_ASSISTANT message"))
-    if len(request.model) > MAX_MODEL_CHARS:
-        bad.append(FieldViolation("model", f"at most {MAX_MODEL_CHARS} characters"))
+            )
+        elif not content.strip():
+            bad.append(FieldViolation(f"messages[{i}].content", "must not be empty or only whitespace"))
+        elif "\x00" in content:
+            bad.append(FieldViolation(f"messages[{i}].content", "must not contain NUL characters"))
+        if role is not None:
+            messages.append(ChatMessage(role, content))
+    if messages and all(m.role == "system" for m in messages):
+        bad.append(FieldViolation("messages", "needs at least one ROLE_USER or ROLE_ASSISTANT message"))
+    return messages
+
+
+def _check_sampling(request: Any, bad: list[FieldViolation]) -> tuple[float | None, float | None]:
     temperature = top_p = None
     if request.HasField("temperature"):
         temperature = request.temperature
@@ -73,23 +84,68 @@ def to_domain(request: Any, settings: Settings) -> tuple[ChatRequest, str | None
         top_p = request.top_p
         if not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
             bad.append(FieldViolation("top_p", f"must be in (0, 1], got {top_p}"))
-    max_tokens = settings.default_max_tokens
-    if request.HasField("max_tokens"):
-        max_tokens = request.max_tokens
-        if not 1 <= max_tokens <= settings.max_tokens_cap:
-            bad.append(
-                FieldViolation(
-                    "max_tokens", f"must be in [1, {settings.max_tokens_cap}] (MAX_TOKENS_CAP), got {max_tokens}"
-                )
+    return temperature, top_p
+
+
+def _check_rest(request: Any, settings: Settings, bad: list[FieldViolation]) -> None:
+    model = request.model
+    if len(model) > MAX_MODEL_CHARS:
+        bad.append(FieldViolation("model", f"at most {MAX_MODEL_CHARS} characters, got {len(model)}"))
+    elif model and not _MODEL.fullmatch(model):
+        bad.append(
+            FieldViolation(
+                "model", "must start with a letter or digit and use only letters, digits and . _ : / @ + = -"
             )
-    if len(request.stop) > MAX_STOP_SEQUENCES:
-        bad.append(FieldViolation("stop", f"at most {MAX_STOP_SEQUENCES} sequences, got {len(request.stop)}"))
-    for i, s in enumerate(request.stop):
-        if not s or len(s) > MAX_STOP_CHARS:
-            bad.append(FieldViolation(f"stop[{i}]", f"must be 1 to {MAX_STOP_CHARS} characters"))
+        )
+    if request.HasField("max_tokens") and not 1 <= request.max_tokens <= settings.max_tokens_cap:
+        bad.append(
+            FieldViolation(
+                "max_tokens",
+                f"must be in [1, {settings.max_tokens_cap}] (MAX_TOKENS_CAP), got {request.max_tokens}",
+            )
+        )
+    stops = request.stop
+    if len(stops) > MAX_STOP_SEQUENCES:
+        bad.append(FieldViolation("stop", f"at most {MAX_STOP_SEQUENCES} sequences, got {len(stops)}"))
+    else:
+        for i, s in enumerate(stops):
+            if not s or len(s) > MAX_STOP_CHARS:
+                bad.append(FieldViolation(f"stop[{i}]", f"must be 1 to {MAX_STOP_CHARS} characters, got {len(s)}"))
+            elif "\x00" in s:
+                bad.append(FieldViolation(f"stop[{i}]", "must not contain NUL characters"))
+    if request.HasField("seed") and not 0 <= request.seed <= MAX_SEED:
+        bad.append(FieldViolation("seed", f"must be in [0, {MAX_SEED}], got {request.seed}"))
     if request.cold_start_policy not in _POLICIES:
-        bad.append(FieldViolation("cold_start_policy", f"unknown value {request.cold_start_policy}"))
+        bad.append(
+            FieldViolation(
+                "cold_start_policy",
+                "must be COLD_START_POLICY_UNSPECIFIED, COLD_START_POLICY_FALLBACK or COLD_START_POLICY_WAIT, "
+                f"got {request.cold_start_policy}",
+            )
+        )
+
+
+def to_domain(request: Any, settings: Settings) -> tuple[ChatRequest, str | None]:
+    """Validates a ChatRequest or ChatStreamRequest; returns (domain request, cold-start policy).
+
+    Raises:
+        InvalidRequestError: with one FieldViolation per bad field (at most ``MAX_VIOLATIONS``).
+    """
+    size = request.ByteSize()
+    if size > settings.max_request_bytes:
+        # Checked first and alone: walking an oversize request field by field is wasted work.
+        raise InvalidRequestError(
+            f"invalid request: it is {size} bytes, at most {settings.max_request_bytes} are allowed (MAX_REQUEST_BYTES)"
+        )
+    bad: list[FieldViolation] = []
+    # The handful of scalar fields first, so that truncation only ever drops per-message violations.
+    temperature, top_p = _check_sampling(request, bad)
+    _check_rest(request, settings, bad)
+    messages = _check_messages(request, settings, bad)
     if bad:
+        if len(bad) > MAX_VIOLATIONS:
+            more = len(bad) - MAX_VIOLATIONS + 1
+            bad = [*bad[: MAX_VIOLATIONS - 1], FieldViolation("messages", f"{more} more violations are not listed")]
         raise InvalidRequestError.from_violations(bad)
     return (
         ChatRequest(
@@ -97,7 +153,7 @@ def to_domain(request: Any, settings: Settings) -> tuple[ChatRequest, str | None
             model=request.model or None,
             temperature=temperature,
             top_p=top_p,
-            max_tokens=max_tokens,
+            max_tokens=request.max_tokens if request.HasField("max_tokens") else settings.default_max_tokens,
             stop=tuple(request.stop),
             seed=request.seed if request.HasField("seed") else None,
         ),

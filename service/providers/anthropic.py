@@ -145,7 +145,9 @@ class AnthropicProvider:
             if status in (400, 413, 422):
                 return InvalidRequestError(f"anthropic rejected the request: {text}")
             if status in (401, 403):
-                return ProviderAuthError(self.name, f"anthropic refused the credentials ({text}); check ANTHROPIC_API_KEY")
+                return ProviderAuthError(
+                    self.name, f"anthropic refused the credentials ({text}); check ANTHROPIC_API_KEY"
+                )
             if status == 404:
                 return ProviderModelNotFoundError(
                     self.name,

@@ -117,12 +117,19 @@ class HealthReport:
         latency_s: How long the probe took.
         served_models: Model ids the endpoint reports, if it reports any.
         error: Why the probe failed; empty when ``ok``.
+        reachable: A server answered at all (a replica is up), even if it is not ``ok``: a model
+            mismatch or refused credentials are not cured by waiting for a cold start.
     """
 
     ok: bool
     latency_s: float
     served_models: list[str] = field(default_factory=list)
     error: str = ""
+    reachable: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.reachable is None:
+            self.reachable = self.ok
 
 
 @runtime_checkable

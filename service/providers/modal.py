@@ -85,7 +85,19 @@ class ModalProvider(OpenAICompatProvider):
         /v1/models, and whether MODAL_MODEL is among the served models."""
         from modal_vllm.status import probe_endpoint
 
-        status = await probe_endpoint(self.endpoint, self.default_model, headers=dict(self.config.headers),
-                                      client=self.client, timeout_s=timeout_s)
-        return HealthReport(ok=status.ok, latency_s=status.probe_latency_s, served_models=list(status.served_models),
-                            error="" if status.ok else status.message)
+        status = await probe_endpoint(
+            self.endpoint,
+            self.default_model,
+            headers=dict(self.config.headers),
+            client=self.client,
+            timeout_s=timeout_s,
+        )
+        # Any answer below 500 means a replica (or Modal's auth proxy) is up: waiting will not help.
+        reachable = status.http_status is not None and status.http_status < 500
+        return HealthReport(
+            ok=status.ok,
+            latency_s=status.probe_latency_s,
+            served_models=list(status.served_models),
+            error="" if status.ok else status.message,
+            reachable=reachable,
+        )

@@ -209,6 +209,8 @@ class OpenAICompatProvider:
             raise ProviderProtocolError(self.name, f"{self.name} returned an error: {_error_text(response.content)}")
         try:
             choice = data["choices"][0]
+            if not choice.get("finish_reason"):
+                raise ProviderProtocolError(self.name, f"{self.name} answered without a finish reason (incomplete)")
             usage = data.get("usage") or {}
             return ChatResult(
                 id=str(data.get("id", "")),
@@ -310,11 +312,15 @@ class OpenAICompatProvider:
                     False,
                     time.perf_counter() - start,
                     error=f"{self.config.health_path} answered {response.status_code}",
+                    reachable=response.status_code < 500,
                 )
             models = await self.client.get(self.endpoint + "/v1/models", timeout=timeout_s)
             if models.status_code != 200:
                 return HealthReport(
-                    False, time.perf_counter() - start, error=f"/v1/models answered {models.status_code}"
+                    False,
+                    time.perf_counter() - start,
+                    error=f"/v1/models answered {models.status_code}",
+                    reachable=models.status_code < 500,
                 )
             served = [str(m["id"]) for m in orjson.loads(models.content).get("data", [])]
         except httpx.HTTPError as exc:
@@ -327,6 +333,7 @@ class OpenAICompatProvider:
                 False,
                 latency,
                 served,
+                reachable=True,
                 error=(
                     f"{self.config.model_env_var or 'model'}={self.default_model!r} is not served by "
                     f"{self.endpoint}; it serves {served}"

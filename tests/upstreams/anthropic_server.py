@@ -110,6 +110,19 @@ class FakeAnthropic(FakeUpstream):
             ]
             page = {"data": data, "has_more": False, "first_id": data[0]["id"]}
             await ex.respond(200, dumps({**page, "last_id": data[-1]["id"]}))
+        elif rec.method == "GET" and rec.path.startswith("/v1/models/"):
+            # Like the real API: one model's record, 404 not_found_error for an unknown id.
+            model_id = rec.path.removeprefix("/v1/models/")
+            if self.models is not None and model_id not in self.models:
+                await self.send_error(ex, 404, f"model: {model_id}")
+            else:
+                record = {
+                    "type": "model",
+                    "id": model_id,
+                    "display_name": model_id,
+                    "created_at": "2025-01-01T00:00:00Z",
+                }
+                await ex.respond(200, dumps(record))
         else:
             await self.send_error(ex, 404, "Not found")
 
