@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 import orjson
+from opentelemetry import propagate
 
 from service.errors import (
     InvalidRequestError,
@@ -72,6 +73,14 @@ class OpenAICompatConfig:
     request_timeout_s: float = 120.0
     max_connections: int = 64
     health_path: str = "/health"
+
+
+def _request_headers() -> dict[str, str]:
+    """JSON content type plus the W3C trace context of the current attempt span, so a vLLM
+    started with an OTLP endpoint joins the caller's trace."""
+    headers = {"content-type": "application/json"}
+    propagate.inject(headers)
+    return headers
 
 
 def _retry_after_s(response: httpx.Response) -> float | None:
@@ -195,9 +204,7 @@ class OpenAICompatProvider:
         """One unary completion."""
         body = self._body(request, stream=False)
         try:
-            response = await self.client.post(
-                self._url, content=orjson.dumps(body), headers={"content-type": "application/json"}
-            )
+            response = await self.client.post(self._url, content=orjson.dumps(body), headers=_request_headers())
             if response.status_code != 200:
                 await self._raise_for_status(response, body["model"])
             data = orjson.loads(response.content)
@@ -225,9 +232,7 @@ class OpenAICompatProvider:
     async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamItem, None]:
         """Streams deltas over SSE; the response is closed in ``finally`` (aborts upstream)."""
         body = self._body(request, stream=True)
-        req = self.client.build_request(
-            "POST", self._url, content=orjson.dumps(body), headers={"content-type": "application/json"}
-        )
+        req = self.client.build_request("POST", self._url, content=orjson.dumps(body), headers=_request_headers())
         try:
             response = await self.client.send(req, stream=True)
         except httpx.HTTPError as exc:
