@@ -181,3 +181,38 @@ def test_bad_config_exits_2_with_the_variable_named() -> None:
     assert proc.wait(timeout=30) == 2
     out = proc.stdout.read().decode() if proc.stdout else ""
     assert "MAX_CONCURRENT_REQUESTS must be an integer, got 'many'" in out
+
+
+def readme_grpcurl_lines() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return [line for line in text.splitlines() if line.startswith(".venv/bin/grpcurl ")]
+
+
+def test_readme_grpcurl_examples_work_as_printed(service: str) -> None:
+    import shlex
+
+    lines = readme_grpcurl_lines()
+    assert len(lines) >= 7
+    for line in lines:
+        argv = [
+            GRPCURL if a == ".venv/bin/grpcurl" else a.replace("127.0.0.1:50051", service) for a in shlex.split(line)
+        ]
+        run = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        if '"content":""' in line:
+            assert run.returncode != 0 and "InvalidArgument" in run.stderr and "messages[0].content" in run.stderr
+        else:
+            assert run.returncode == 0, (line, run.stderr)
+            assert run.stdout.strip()
+
+
+def test_every_setting_is_documented() -> None:
+    import dataclasses
+
+    from service.config import ENV_DOCS, Settings
+
+    documented = " ".join(v for v, _, _ in ENV_DOCS)
+    readme = (ROOT / "README.md").read_text()
+    for f in dataclasses.fields(Settings):
+        assert f.name.upper() in documented, f"{f.name.upper()} missing from ENV_DOCS"
+    for var, default, _ in ENV_DOCS:
+        assert f"`{var}`" in readme, f"{var} missing from the README's configuration table"
