@@ -61,7 +61,7 @@ def by_name(spans: tuple[ReadableSpan, ...], prefix: str) -> list[ReadableSpan]:
 
 @pytest.mark.parametrize("rpc", ["Chat", "ChatStream"])
 async def test_fallback_span_tree(fallback_chain: Any, rpc: str) -> None:
-    running, modal, vast, (exporter, _) = fallback_chain
+    running, _modal, vast, (exporter, _) = fallback_chain
     metadata = (("traceparent", TRACEPARENT),)
     if rpc == "Chat":
         await running.stub.Chat(pb.ChatRequest(messages=MESSAGES, max_tokens=7, temperature=0.5), metadata=metadata)
