@@ -1,12 +1,13 @@
-"""Unit tests of the OpenAI-compatible provider's parsing and error mapping (httpx MockTransport)."""
+"""Unit tests of the OpenAI/vLLM wire format (pure functions), then the provider's I/O against a
+real fake upstream: normal streams, usage, in-band errors, truncation, HTTP error mapping."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Iterator
 
-import httpx
 import pytest
+import pytest_asyncio
 
 from service.errors import (
     InvalidRequestError,
@@ -17,11 +18,13 @@ from service.errors import (
 )
 from service.providers.base import ChatMessage, ChatRequest, FinishReason, StreamEnd
 from service.providers.openai_compat import OpenAICompatConfig, OpenAICompatProvider
+from service.providers.openai_wire import SSEDecoder, error_for_status, parse_completion, request_body
+from tests.upstreams import EndWithoutFinish, FakeOpenAI, InBandError, MalformedSSE, Ok, ResetAfter, Status
 
 REQ = ChatRequest(messages=(ChatMessage("user", "hi"),), max_tokens=8)
 
 
-def _chunk(content: str | None = None, finish: str | None = None, role: str | None = None) -> str:
+def chunk(content: str | None = None, finish: str | None = None, role: str | None = None) -> str:
     delta: dict[str, str] = {}
     if role:
         delta["role"] = role
@@ -31,161 +34,235 @@ def _chunk(content: str | None = None, finish: str | None = None, role: str | No
     return f"data: {json.dumps(body)}\n\n"
 
 
-USAGE = (
-    'data: {"id":"c1","model":"m","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}\n\n'
-)
+USAGE = 'data: {"id":"c1","model":"m","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2}}\n\n'
+DONE = "data: [DONE]\n\n"
 
 
-def provider(handler: Callable[[httpx.Request], httpx.Response]) -> OpenAICompatProvider:
-    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-    return OpenAICompatProvider(
-        OpenAICompatConfig(name="modal", base_url="http://up", model="m", model_env_var="MODAL_MODEL"), client
-    )
+def decode(*events: str, piece: int = 1 << 16) -> tuple[list[str], SSEDecoder]:
+    decoder = SSEDecoder("modal", "m")
+    data = "".join(events).encode()
+    deltas: list[str] = []
+    for i in range(0, len(data), piece):
+        deltas += decoder.feed(data[i : i + piece])
+        if decoder.done:
+            break
+    return deltas, decoder
 
 
-class Body(httpx.AsyncByteStream):
-    """A response body delivered in pieces of ``size`` bytes, as a socket would."""
-
-    def __init__(self, data: bytes, size: int = 1 << 16) -> None:
-        self.data, self.size = data, size
-
-    async def __aiter__(self):  # type: ignore[no-untyped-def]
-        for i in range(0, len(self.data), self.size):
-            yield self.data[i : i + self.size]
+def test_sse_deltas_then_end_with_usage() -> None:
+    deltas, decoder = decode(chunk(role="assistant"), chunk("Hel"), chunk("lo"), chunk(finish="stop"), USAGE, DONE)
+    assert deltas == ["Hel", "lo"] and decoder.done
+    end = decoder.end()
+    assert end.finish_reason is FinishReason.STOP and (end.usage.prompt_tokens, end.usage.completion_tokens) == (5, 2)
+    assert end.id == "c1" and end.model == "m"
 
 
-def sse(*events: str, status: int = 200) -> Callable[[httpx.Request], httpx.Response]:
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(
-            status, stream=Body("".join(events).encode()), headers={"content-type": "text/event-stream"}
-        )
-
-    return handler
+@pytest.mark.parametrize("piece", [1, 3, 7, 64])
+def test_sse_events_split_across_reads(piece: int) -> None:
+    deltas, decoder = decode(chunk("ab"), chunk("c\u00e9"), chunk(finish="length"), DONE, piece=piece)
+    assert deltas == ["ab", "c\u00e9"] and decoder.end().finish_reason is FinishReason.LENGTH
 
 
-async def collect(p: OpenAICompatProvider) -> list[object]:
-    return [item async for item in p.stream(REQ)]
+def test_sse_ignores_comments_and_crlf() -> None:
+    deltas, decoder = decode(": keepalive\r\n\r\n", chunk("x").replace("\n\n", "\r\n\r\n"), chunk(finish="stop"), DONE)
+    assert deltas == ["x"] and decoder.end().finish_reason is FinishReason.STOP
 
 
-async def test_stream_yields_deltas_then_end_with_usage() -> None:
-    items = await collect(
-        provider(
-            sse(_chunk(role="assistant"), _chunk("Hel"), _chunk("lo"), _chunk(finish="stop"), USAGE, "data: [DONE]\n\n")
-        )
-    )
-    assert items[:2] == ["Hel", "lo"]
-    end = items[2]
-    assert isinstance(end, StreamEnd) and len(items) == 3
-    assert end.finish_reason is FinishReason.STOP
-    assert (end.usage.prompt_tokens, end.usage.completion_tokens) == (5, 2)
-
-
-async def test_stream_request_asks_for_usage() -> None:
-    seen: dict[str, object] = {}
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.update(json.loads(request.content))
-        return sse(_chunk("a"), _chunk(finish="length"), "data: [DONE]\n\n")(request)
-
-    await collect(provider(handler))
-    assert seen["stream"] is True and seen["stream_options"] == {"include_usage": True}
-    assert seen["model"] == "m" and seen["max_tokens"] == 8
-
-
-async def test_stream_handles_events_split_across_reads() -> None:
-    body = (_chunk("ab") + _chunk(finish="stop") + "data: [DONE]\n\n").encode()
-    items = await collect(provider(lambda r: httpx.Response(200, stream=Body(body, size=7))))
-    assert items[0] == "ab" and isinstance(items[1], StreamEnd)
-
-
-async def test_in_band_error_chunk_is_a_failure() -> None:
+def test_sse_in_band_error_is_a_failure_after_the_deltas_before_it() -> None:
     err = 'data: {"error": {"message": "engine died", "type": "InternalServerError", "code": 500}}\n\n'
+    decoder = SSEDecoder("modal", "m")
+    # One read holding a delta and the error: the delta is delivered, then the error stands.
+    assert decoder.feed((chunk("a") + err + DONE).encode()) == ["a"]
+    assert decoder.error is not None and "engine died" in decoder.error.message
     with pytest.raises(ProviderProtocolError, match="engine died"):
-        await collect(provider(sse(_chunk("a"), err, "data: [DONE]\n\n")))
+        decoder.end()
+    with pytest.raises(ProviderProtocolError, match="engine died"):
+        decode(err, DONE)  # nothing before it: raised at once
 
 
-async def test_stream_without_finish_reason_is_a_failure() -> None:
-    with pytest.raises(ProviderProtocolError, match="without a finish reason"):
-        await collect(provider(sse(_chunk("a"), "data: [DONE]\n\n")))
-
-
-async def test_truncated_stream_is_a_failure() -> None:
+def test_sse_without_finish_reason_is_a_failure() -> None:
+    _, decoder = decode(chunk("a"), DONE)
+    with pytest.raises(ProviderProtocolError, match=r"without a finish reason \(\[DONE\] received\)"):
+        decoder.end()
+    _, truncated = decode(chunk("a"), chunk("b"))
     with pytest.raises(ProviderProtocolError, match="connection closed early"):
-        await collect(provider(sse(_chunk("a"), _chunk("b"))))
+        truncated.end()
 
 
-async def test_malformed_sse_is_a_failure() -> None:
+def test_sse_malformed_data_is_a_failure() -> None:
     with pytest.raises(ProviderProtocolError, match="malformed"):
-        await collect(provider(sse(_chunk("a"), "data: {not json\n\n")))
+        decode(chunk("a"), "data: {not json\n\n", piece=1)
 
 
-async def test_unary_parses_completion() -> None:
+def test_request_body() -> None:
+    req = ChatRequest(
+        messages=(ChatMessage("system", "s"), ChatMessage("user", "u")),
+        temperature=0.0,
+        top_p=0.5,
+        max_tokens=9,
+        stop=("x",),
+        seed=0,
+    )
+    body = request_body(req, "default", stream=True)
+    assert body == {
+        "model": "default",
+        "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+        "max_tokens": 9,
+        "temperature": 0.0,
+        "top_p": 0.5,
+        "stop": ["x"],
+        "seed": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    assert "stream" not in request_body(REQ, "d", stream=False) and "temperature" not in request_body(REQ, "d", False)
+
+
+def test_unary_completion() -> None:
     body = {
         "id": "x",
         "model": "m",
         "choices": [{"message": {"role": "assistant", "content": "yo"}, "finish_reason": "length"}],
         "usage": {"prompt_tokens": 3, "completion_tokens": 1},
     }
-    result = await provider(lambda r: httpx.Response(200, json=body)).chat(REQ)
+    result = parse_completion("modal", json.dumps(body).encode(), "m")
     assert (result.content, result.finish_reason, result.usage.total_tokens) == ("yo", FinishReason.LENGTH, 4)
+    body["choices"][0]["finish_reason"] = None  # type: ignore[index]
+    with pytest.raises(ProviderProtocolError, match="without a finish reason"):
+        parse_completion("modal", json.dumps(body).encode(), "m")
+    with pytest.raises(ProviderProtocolError, match="not JSON"):
+        parse_completion("modal", b"<html>", "m")
 
 
 @pytest.mark.parametrize(
     ("status", "error"),
     [
         (400, InvalidRequestError),
+        (413, InvalidRequestError),
         (422, InvalidRequestError),
         (401, ProviderAuthError),
         (403, ProviderAuthError),
+        (408, ProviderUnavailableError),
         (429, ProviderUnavailableError),
         (500, ProviderUnavailableError),
         (502, ProviderUnavailableError),
         (503, ProviderUnavailableError),
+        (504, ProviderUnavailableError),
     ],
 )
-async def test_http_errors_map_to_domain_errors(status: int, error: type[Exception]) -> None:
-    body = {"error": {"message": f"upstream says {status}", "type": "X", "code": status}}
-    p = provider(lambda r: httpx.Response(status, json=body))
-    with pytest.raises(error, match=f"upstream says {status}"):
-        await p.chat(REQ)
+def test_status_mapping(status: int, error: type[Exception]) -> None:
+    body = json.dumps({"error": {"message": f"upstream says {status}"}}).encode()
+    err = error_for_status(
+        "modal", "http://m", status, body, "2", model="m", default_model="m", model_env_var="MODAL_MODEL", served=[]
+    )
+    assert isinstance(err, error) and f"upstream says {status}" in err.message
+    if isinstance(err, ProviderUnavailableError):
+        assert err.retryable and err.retry_after_s == 2.0
+
+
+def test_404_names_the_variable_and_served_models() -> None:
+    err = error_for_status(
+        "modal",
+        "http://m",
+        404,
+        b"{}",
+        None,
+        model="m",
+        default_model="m",
+        model_env_var="MODAL_MODEL",
+        served=["Qwen/Qwen2.5-7B-Instruct"],
+    )
+    assert isinstance(err, ProviderModelNotFoundError)
+    assert "MODAL_MODEL='m'" in err.message and "Qwen/Qwen2.5-7B-Instruct" in err.message
+    other = error_for_status(
+        "modal", "http://m", 404, b"{}", None, model="x", default_model="m", model_env_var="MODAL_MODEL", served=[]
+    )
+    assert "model 'x'" in other.message
+
+
+# ---- the provider's I/O against a real upstream --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeOpenAI]:
+    srv = FakeOpenAI(models=["m"]).start()
+    yield srv
+    srv.stop()
+
+
+@pytest_asyncio.fixture
+async def provider(upstream: FakeOpenAI) -> AsyncIterator[OpenAICompatProvider]:
+    upstream.reset()
+    p = OpenAICompatProvider(
+        OpenAICompatConfig(name="modal", base_url=upstream.base_url, model="m", model_env_var="MODAL_MODEL")
+    )
+    await p.start()
+    yield p
+    await p.aclose()
+
+
+async def collect(p: OpenAICompatProvider) -> list[object]:
+    return [item async for item in p.stream(REQ)]
+
+
+async def test_stream_over_http(upstream: FakeOpenAI, provider: OpenAICompatProvider) -> None:
+    upstream.default = Ok(tokens=["a", "b", "c"])
+    items = await collect(provider)
+    assert items[:3] == ["a", "b", "c"] and isinstance(items[3], StreamEnd) and len(items) == 4
+    assert items[3].usage.completion_tokens == 3
+    sent = upstream.chat_requests[-1].json
+    assert sent["stream_options"] == {"include_usage": True} and sent["model"] == "m" and sent["max_tokens"] == 8
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "error"),
+    [
+        (InBandError(1), ProviderProtocolError),
+        (EndWithoutFinish(1), ProviderProtocolError),
+        (MalformedSSE(1), ProviderProtocolError),
+        (ResetAfter(1), ProviderUnavailableError),
+    ],
+)
+async def test_broken_streams_fail(
+    upstream: FakeOpenAI, provider: OpenAICompatProvider, behaviour: object, error: type[Exception]
+) -> None:
+    upstream.default = behaviour
     with pytest.raises(error):
-        await collect(p)
+        await collect(provider)
 
 
-async def test_429_carries_retry_after() -> None:
-    p = provider(lambda r: httpx.Response(429, json={"error": {"message": "slow down"}}, headers={"retry-after": "2"}))
+async def test_http_errors_over_http(upstream: FakeOpenAI, provider: OpenAICompatProvider) -> None:
+    upstream.default = Status(429, retry_after_s=3)
     with pytest.raises(ProviderUnavailableError) as info:
-        await p.chat(REQ)
-    assert info.value.retry_after_s == 2.0 and info.value.retryable
+        await provider.chat(REQ)
+    assert info.value.retry_after_s == 3.0
+    with pytest.raises(ProviderModelNotFoundError) as nf:
+        await provider.chat(ChatRequest(messages=REQ.messages, model="nope"))
+    assert nf.value.served == ["m"]
 
 
-async def test_404_names_the_variable_and_served_models() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/v1/models":
-            return httpx.Response(200, json={"object": "list", "data": [{"id": "Qwen/Qwen2.5-7B-Instruct"}]})
-        return httpx.Response(404, json={"error": {"message": "The model `m` does not exist."}})
-
-    with pytest.raises(ProviderModelNotFoundError) as info:
-        await provider(handler).chat(REQ)
-    assert "MODAL_MODEL='m'" in info.value.message
-    assert info.value.served == ["Qwen/Qwen2.5-7B-Instruct"]
-
-
-async def test_connect_error_is_unavailable() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=request)
-
-    with pytest.raises(ProviderUnavailableError, match="connection failed"):
-        await provider(handler).chat(REQ)
-    with pytest.raises(ProviderUnavailableError):
-        await collect(provider(handler))
+async def test_refused_connection_is_unavailable() -> None:
+    p = OpenAICompatProvider(OpenAICompatConfig(name="vastai", base_url="http://127.0.0.1:9", model="m"))
+    await p.start()
+    try:
+        with pytest.raises(ProviderUnavailableError, match="connection failed"):
+            await p.chat(REQ)
+        with pytest.raises(ProviderUnavailableError):
+            await collect(p)
+        report = await p.check_health(1.0)
+        assert not report.ok and not report.reachable
+    finally:
+        await p.aclose()
 
 
-async def test_health_reports_model_mismatch() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/health":
-            return httpx.Response(200)
-        return httpx.Response(200, json={"data": [{"id": "other"}]})
-
-    report = await provider(handler).check_health(1.0)
-    assert not report.ok and "MODAL_MODEL='m'" in report.error and report.served_models == ["other"]
+async def test_health_reports_model_mismatch(upstream: FakeOpenAI) -> None:
+    p = OpenAICompatProvider(
+        OpenAICompatConfig(name="modal", base_url=upstream.base_url, model="other", model_env_var="MODAL_MODEL")
+    )
+    await p.start()
+    try:
+        report = await p.check_health(1.0)
+        assert not report.ok and report.reachable and "MODAL_MODEL='other'" in report.error
+        assert report.served_models == ["m"]
+    finally:
+        await p.aclose()

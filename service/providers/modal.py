@@ -89,7 +89,6 @@ class ModalProvider(OpenAICompatProvider):
             self.endpoint,
             self.default_model,
             headers=dict(self.config.headers),
-            client=self.client,
             timeout_s=timeout_s,
         )
         # Any answer below 500 means a replica (or Modal's auth proxy) is up: waiting will not help.
