@@ -159,7 +159,7 @@ class OpenAICompatProvider:
                 if response.status != 200:
                     raise await self._error(response, body["model"])
                 payload = await response.read()
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise self._translate(exc) from exc
         return parse_completion(self.name, payload, body["model"])
 
@@ -168,7 +168,7 @@ class OpenAICompatProvider:
         body = request_body(request, self.default_model, stream=True)
         try:
             response = await self.session.post(self._url, data=orjson.dumps(body), headers=_request_headers())
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise self._translate(exc) from exc
         try:
             if response.status != 200:
@@ -184,7 +184,7 @@ class OpenAICompatProvider:
                 if decoder.error is not None:
                     raise decoder.error
             yield decoder.end()
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise self._translate(exc) from exc
         finally:
             # close(), not release(): a response not read to the end must drop its connection so
@@ -221,7 +221,7 @@ class OpenAICompatProvider:
                     False, time.perf_counter() - start, error=f"/v1/models answered {status}", reachable=status < 500
                 )
             served = served_model_ids(models_body)
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             return HealthReport(False, time.perf_counter() - start, error=str(self._translate(exc)))
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             return HealthReport(
