@@ -24,10 +24,10 @@ from typing import Any
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from service import metrics
-from service.telemetry import RpcStats, current_rpc, tracer
+from service.telemetry import RpcStats, current_rpc, tracer, tracing_enabled
 
 access_log = logging.getLogger("service.access")
 
@@ -72,6 +72,12 @@ class _Call:
         self.method = method
         self.context = context
         self.start = time.perf_counter()
+        self.stats = RpcStats()
+        self.stats_token = current_rpc.set(self.stats)
+        if not tracing_enabled():
+            self.span: Span = trace.INVALID_SPAN
+            self.token: object = None
+            return
         parent = propagate.extract(context.invocation_metadata() or (), getter=_GETTER)  # type: ignore[arg-type]
         self.span = tracer.start_span(
             f"inference.v1.InferenceService/{method}",
@@ -80,8 +86,6 @@ class _Call:
             attributes={"rpc.system": "grpc", "rpc.service": "inference.v1.InferenceService", "rpc.method": method},
         )
         self.token = otel_context.attach(trace.set_span_in_context(self.span, parent))
-        self.stats = RpcStats()
-        self.stats_token = current_rpc.set(self.stats)
 
     def overhead_s(self) -> float:
         return max(0.0, time.perf_counter() - self.start - self.stats.upstream_s)
@@ -123,7 +127,8 @@ class _Call:
                 )
             )
         current_rpc.reset(self.stats_token)
-        otel_context.detach(self.token)
+        if self.token is not None:
+            otel_context.detach(self.token)  # type: ignore[arg-type]
 
 
 def _wrap_unary(method: str, behavior: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:

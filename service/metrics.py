@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
 
 from service.providers.base import Usage
 
@@ -72,6 +73,12 @@ def instruments() -> _Instruments:
     return _instruments
 
 
+def enabled() -> bool:
+    """Whether an SDK MeterProvider is installed; without one, recording is skipped entirely
+    (building attribute dicts for no-op instruments costs the hot path for nothing)."""
+    return isinstance(metrics.get_meter_provider(), SdkMeterProvider)
+
+
 def reset() -> None:
     """Forgets the instruments (after a new MeterProvider is installed, e.g. in tests)."""
     global _instruments
@@ -80,6 +87,8 @@ def reset() -> None:
 
 def record_attempt(provider: str, model: str, duration_s: float, error_type: str | None, usage: Usage | None) -> None:
     """One provider attempt ended."""
+    if not enabled():
+        return
     ins = instruments()
     attrs: dict[str, Any] = {
         "gen_ai.operation.name": "chat",
@@ -104,6 +113,8 @@ def record_attempt(provider: str, model: str, duration_s: float, error_type: str
 
 def record_ttft(provider: str, model: str, seconds: float) -> None:
     """Time to first chunk of a streamed attempt."""
+    if not enabled():
+        return
     instruments().ttft.record(
         seconds, {"gen_ai.operation.name": "chat", "gateway.provider": provider, "gen_ai.request.model": model}
     )
@@ -111,6 +122,8 @@ def record_ttft(provider: str, model: str, seconds: float) -> None:
 
 def record_skip(provider: str, reason: str) -> None:
     """A provider was skipped."""
+    if not enabled():
+        return
     instruments().skips.add(1, {"gateway.provider": provider, "reason": reason})
 
 
@@ -119,6 +132,8 @@ _open_circuits: set[str] = set()
 
 def record_circuit(provider: str, state: str) -> None:
     """Tracks open circuits as a 0/1 gauge per provider."""
+    if not enabled():
+        return
     ins = instruments()
     if state == "open" and provider not in _open_circuits:
         _open_circuits.add(provider)
@@ -130,6 +145,8 @@ def record_circuit(provider: str, state: str) -> None:
 
 def record_rpc(method: str, code: str, overhead_s: float | None) -> None:
     """One RPC ended with ``code``; ``overhead_s`` is its time not spent upstream."""
+    if not enabled():
+        return
     ins = instruments()
     ins.rpcs.add(1, {"rpc.method": method, "rpc.grpc.status_code": code})
     if overhead_s is not None:
@@ -138,9 +155,13 @@ def record_rpc(method: str, code: str, overhead_s: float | None) -> None:
 
 def stream_started() -> None:
     """A ChatStream began."""
+    if not enabled():
+        return
     instruments().active_streams.add(1)
 
 
 def stream_ended() -> None:
     """A ChatStream ended."""
+    if not enabled():
+        return
     instruments().active_streams.add(-1)

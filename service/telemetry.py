@@ -31,6 +31,13 @@ from service.providers.base import ChatRequest, Provider, Usage
 
 tracer = trace.get_tracer("inference-gateway")
 
+
+def tracing_enabled() -> bool:
+    """Whether an SDK tracer provider is installed. Without one every span would be a no-op, so
+    the hot path skips building them (attribute dicts, context attach) altogether."""
+    return not isinstance(trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+
+
 _PROVIDER_KIND_TO_SEMCONV = {"vllm": "vllm", "llama.cpp": "llama.cpp", "anthropic": "anthropic"}
 
 
@@ -60,6 +67,9 @@ class AttemptSpan:
         self._provider = provider
         self._started = time.perf_counter()
         self._first_chunk_at: float | None = None
+        if not parent.is_recording():
+            self.span: Span = trace.INVALID_SPAN
+            return
         attrs: dict[str, Any] = {
             "gen_ai.operation.name": "chat",
             "gen_ai.provider.name": _PROVIDER_KIND_TO_SEMCONV.get(provider.kind, provider.kind),
@@ -86,6 +96,9 @@ class AttemptSpan:
     @contextmanager
     def current(self) -> Iterator[None]:
         """Attaches this span around awaits that send the upstream request (traceparent)."""
+        if self.span is trace.INVALID_SPAN:
+            yield
+            return
         token = otel_context.attach(trace.set_span_in_context(self.span))
         try:
             yield
@@ -130,6 +143,10 @@ class RouteTrace:
     __slots__ = ("_skips", "span")
 
     def __init__(self, rpc: str, request: ChatRequest, chain: list[str], policy: str) -> None:
+        self._skips: list[str] = []
+        if not tracing_enabled():
+            self.span: Span = trace.INVALID_SPAN
+            return
         self.span = tracer.start_span(
             f"route {rpc}",
             kind=SpanKind.INTERNAL,
@@ -139,7 +156,6 @@ class RouteTrace:
                 "gen_ai.request.model": request.model or "",
             },
         )
-        self._skips: list[str] = []
 
     @contextmanager
     def scope(self) -> Iterator[RouteTrace]:
