@@ -6,7 +6,7 @@ For every InferenceService RPC it
   (the routing and attempt spans then nest below, and upstream HTTP carries the trace on);
 * keeps a :class:`service.telemetry.RpcStats` in a contextvar for the router to fill;
 * writes one structured access-log line (JSON) with trace/span ids, provider, status, latency,
-  tokens - never message content or credentials;
+  tokens - never credentials, and message content only when LOG_CONTENT=true;
 * records ``gateway.overhead.duration`` (time not spent awaiting a provider) and returns it to the
   caller as trailing metadata ``x-gateway-overhead-ms``.
 
@@ -93,7 +93,7 @@ class _Call:
     def set_trailer(self) -> None:
         self.context.set_trailing_metadata(((OVERHEAD_METADATA_KEY, f"{self.overhead_s() * 1000:.3f}"),))
 
-    def finish(self, error: BaseException | None) -> None:
+    def finish(self, error: BaseException | None, content: dict[str, Any] | None = None) -> None:
         code = _code_name(self.context, error)
         elapsed = time.perf_counter() - self.start
         overhead = self.overhead_s()
@@ -111,6 +111,7 @@ class _Call:
             access_log.info(
                 json.dumps(
                     {
+                        **(content or {}),
                         "event": "rpc",
                         "method": self.method,
                         "code": code,
@@ -131,10 +132,19 @@ class _Call:
             otel_context.detach(self.token)  # type: ignore[arg-type]
 
 
-def _wrap_unary(method: str, behavior: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:
+def _content(request: Any, response_text: str | None) -> dict[str, Any]:
+    """Message content for the access log, only when LOG_CONTENT=true."""
+    messages = [{"role": int(m.role), "content": m.content} for m in getattr(request, "messages", ())]
+    return {"request_messages": messages, "response_text": response_text}
+
+
+def _wrap_unary(
+    method: str, behavior: Callable[[Any, Any], Awaitable[Any]], log_content: bool
+) -> Callable[[Any, Any], Awaitable[Any]]:
     async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         call = _Call(method, context)
         error: BaseException | None = None
+        response: Any = None
         try:
             response = await behavior(request, context)
             call.set_trailer()
@@ -143,26 +153,30 @@ def _wrap_unary(method: str, behavior: Callable[[Any, Any], Awaitable[Any]]) -> 
             error = exc
             raise
         finally:
-            call.finish(error)
+            text = response.message.content if log_content and hasattr(response, "message") else None
+            call.finish(error, _content(request, text) if log_content else None)
 
     return unary
 
 
 def _wrap_stream(
-    method: str, behavior: Callable[[Any, Any], AsyncIterator[Any]]
+    method: str, behavior: Callable[[Any, Any], AsyncIterator[Any]], log_content: bool
 ) -> Callable[[Any, Any], AsyncIterator[Any]]:
     async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         call = _Call(method, context)
         error: BaseException | None = None
+        parts: list[str] = []
         try:
             async for message in behavior(request, context):
+                if log_content and message.HasField("delta"):
+                    parts.append(message.delta.text)
                 yield message
             call.set_trailer()
         except BaseException as exc:
             error = exc
             raise
         finally:
-            call.finish(error)
+            call.finish(error, _content(request, "".join(parts)) if log_content else None)
 
     return stream
 
@@ -170,7 +184,8 @@ def _wrap_stream(
 class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Wraps InferenceService handlers; other services (health, reflection) pass through."""
 
-    def __init__(self) -> None:
+    def __init__(self, log_content: bool = False) -> None:
+        self._log_content = log_content
         # method -> (inner handler, wrapped). Inner interceptors (auth) may return a different
         # handler per call, e.g. one that aborts; only the same inner handler reuses its wrapper.
         self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
@@ -190,13 +205,13 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         method = full[len(_PREFIX) :]
         if handler.unary_unary is not None:
             wrapped = grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, handler.unary_unary),
+                _wrap_unary(method, handler.unary_unary, self._log_content),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         elif handler.unary_stream is not None:
             wrapped = grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(method, handler.unary_stream),
+                _wrap_stream(method, handler.unary_stream, self._log_content),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )

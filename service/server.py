@@ -80,7 +80,11 @@ class Gateway:
             ("grpc.keepalive_permit_without_calls", 1),
         ]
         # Telemetry outermost: rejected calls (auth, admission) get spans and access-log lines too.
-        interceptors = [TelemetryInterceptor(), *self.security.interceptors(), *self._interceptors]
+        interceptors = [
+            TelemetryInterceptor(self.settings.log_content),
+            *self.security.interceptors(),
+            *self._interceptors,
+        ]
         server = grpc.aio.server(options=options, interceptors=interceptors)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
             InferenceServicer(self.router, self.settings, self.in_flight), server

@@ -160,3 +160,20 @@ async def test_failed_call_is_logged_with_its_status(fallback_chain: Any, caplog
         await running.stub.Chat(pb.ChatRequest())
     line = json.loads([r for r in caplog.records if r.name == "service.access"][-1].getMessage())
     assert line["code"] == "INVALID_ARGUMENT" and line["provider"] == ""
+
+
+async def test_content_is_logged_only_when_enabled(otel: Any, caplog: pytest.LogCaptureFixture) -> None:
+    vast = FakeOpenAI(models=[MODAL_MODEL]).start()
+    vast.default = Ok(tokens=["sec", "ret"])
+    running = await start_gateway(chain_settings(vast=vast, log_content=True))
+    caplog.set_level(logging.INFO, logger="service.access")
+    try:
+        await running.stub.Chat(pb.ChatRequest(messages=MESSAGES))
+        async for _ in running.stub.ChatStream(pb.ChatStreamRequest(messages=MESSAGES)):
+            pass
+        lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "service.access"]
+        assert [line["response_text"] for line in lines[-2:]] == ["secret", "secret"]
+        assert lines[-1]["request_messages"][-1] == {"role": pb.ROLE_USER, "content": "hello there"}
+    finally:
+        await stop_gateway(running)
+        vast.stop()
