@@ -270,3 +270,52 @@ async def test_explicit_unknown_model_everywhere_is_not_found(chain: tuple[Any, 
     outcome = await call(running.stub, "Chat", model="no-such-model")
     assert outcome.code is grpc.StatusCode.NOT_FOUND and "no-such-model" in outcome.details
     assert MODAL_MODEL in outcome.details  # says what is served instead
+
+
+ANTHROPIC_MID_STREAM = [
+    ("event overloaded_error", InBandError(2), "PROVIDER_UNAVAILABLE"),
+    ("event invalid_request_error", InBandError(2, error_type="invalid_request_error"), "PROVIDER_PROTOCOL_ERROR"),
+    ("reset", ResetAfter(2), "PROVIDER_UNAVAILABLE"),
+    ("stall", StallAfter(2, 5.0), "PROVIDER_TIMEOUT"),
+    ("no message_stop", EndWithoutFinish(2), "PROVIDER_PROTOCOL_ERROR"),
+]
+
+
+@pytest.mark.parametrize(("name", "behaviour", "cause"), ANTHROPIC_MID_STREAM, ids=[c[0] for c in ANTHROPIC_MID_STREAM])
+async def test_anthropic_failure_after_first_token(
+    fakes: tuple[FakeOpenAI, FakeOpenAI, FakeAnthropic], name: str, behaviour: Any, cause: str
+) -> None:
+    _, _, anth = fakes
+    anth.reset()
+    anth.enqueue(behaviour)
+    running = await start_gateway(chain_settings(anthropic=anth))
+    try:
+        outcome = await call(running.stub, "ChatStream")
+        assert outcome.code is grpc.StatusCode.UNAVAILABLE and outcome.reason == "STREAM_INTERRUPTED"
+        assert outcome.metadata == {"provider": "anthropic", "cause": cause, "deltas_sent": "2"}
+        assert outcome.deltas == ["tok0 ", "tok1 "]
+    finally:
+        await stop_gateway(running)
+
+
+async def test_anthropic_stream_cancel_closes_upstream(fakes: tuple[FakeOpenAI, FakeOpenAI, FakeAnthropic]) -> None:
+    import time
+
+    _, _, anth = fakes
+    anth.reset()
+    anth.default = Ok(n_tokens=200, delay_s_between_tokens=0.02)
+    running = await start_gateway(chain_settings(anthropic=anth))
+    try:
+        for i in range(20):
+            stream = running.stub.ChatStream(
+                pb.ChatStreamRequest(messages=[pb.Message(role=pb.ROLE_USER, content="x")])
+            )
+            assert (await stream.read()).HasField("delta")
+            rec = anth.chat_requests[i]
+            cancelled_at = time.monotonic()
+            stream.cancel()
+            await rec.wait_closed_async(2.0)
+            assert rec.client_closed and rec.closed_at is not None
+            assert rec.closed_at - cancelled_at < 0.1
+    finally:
+        await stop_gateway(running)

@@ -142,6 +142,11 @@ class AnthropicProvider:
         if isinstance(exc, anthropic.APIStatusError):
             status = exc.status_code
             text = _message_of(exc)
+            if status == 200:  # an `event: error` inside a stream that had started fine
+                kind = _error_type(exc)
+                if kind in _RETRYABLE_STREAM_ERRORS:
+                    return ProviderUnavailableError(self.name, f"anthropic failed mid-stream: {text}")
+                return ProviderProtocolError(self.name, f"anthropic failed mid-stream: {text}")
             if status in (400, 413, 422):
                 return InvalidRequestError(f"anthropic rejected the request: {text}")
             if status in (401, 403):
@@ -210,6 +215,8 @@ class AnthropicProvider:
                     break
             if not stopped:
                 raise ProviderProtocolError(self.name, "anthropic ended the stream without message_stop")
+            if stop is None:
+                raise ProviderProtocolError(self.name, "anthropic ended the stream without a stop reason")
             yield StreamEnd(msg_id, model, finish_reason(stop), Usage(input_tokens, output_tokens))
         except (anthropic.AnthropicError, httpx2.TransportError) as exc:
             raise self._translate(exc, params["model"]) from exc
@@ -231,6 +238,18 @@ class AnthropicProvider:
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+
+_RETRYABLE_STREAM_ERRORS = {"overloaded_error", "api_error", "rate_limit_error"}
+
+
+def _error_type(exc: anthropic.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict):
+            return str(err.get("type", ""))
+    return ""
 
 
 def _message_of(exc: anthropic.APIStatusError) -> str:
