@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from service.errors import ConfigError
@@ -30,18 +30,18 @@ class Settings:
     # Modal vLLM
     modal_web_url: str = ""
     modal_model: str = "Qwen/Qwen2.5-7B-Instruct"
-    modal_token_id: str = ""
-    modal_token_secret: str = ""
-    modal_proxy_token_id: str = ""
-    modal_proxy_token_secret: str = ""
-    modal_vllm_api_key: str = ""
+    modal_token_id: str = field(default="", repr=False)  # secret
+    modal_token_secret: str = field(default="", repr=False)  # secret
+    modal_proxy_token_id: str = field(default="", repr=False)  # secret
+    modal_proxy_token_secret: str = field(default="", repr=False)  # secret
+    modal_vllm_api_key: str = field(default="", repr=False)  # secret
     modal_scaledown_window_minutes: float = 5.0
     # legacy vLLM host
     vastai_vllm_url: str = ""
-    vastai_api_key: str = ""
+    vastai_api_key: str = field(default="", repr=False)  # secret
     vastai_model: str = "Qwen/Qwen2.5-7B-Instruct"
     # Anthropic
-    anthropic_api_key: str = ""
+    anthropic_api_key: str = field(default="", repr=False)  # secret
     anthropic_model: str = "claude-sonnet-4-5"
     anthropic_base_url: str = ""
     # embedded llama.cpp
@@ -79,9 +79,9 @@ class Settings:
     log_content: bool = False
     metrics_port: int = 0
     # security
-    inference_api_keys: str = ""
+    inference_api_keys: str = field(default="", repr=False)  # secret
     inference_api_keys_file: str = ""
-    admin_api_keys: str = ""
+    admin_api_keys: str = field(default="", repr=False)  # secret
     auth_exempt_health: bool = True
     allow_insecure_bind: bool = False
     tls_cert_file: str = ""

@@ -36,9 +36,10 @@ import grpc
 from inference.v1 import inference_pb2
 
 from service.admission import ConcurrencyLimiter, RateLimiter
-from service.auth import ANONYMOUS, Authenticator, KeyRing, Principal, register_secrets
+from service.auth import ANONYMOUS, Authenticator, KeyRing, Principal
 from service.config import Settings
 from service.errors import ConfigError, InvalidRequestError, ResourceExhaustedError
+from service.redaction import register_secrets
 from service.status import to_grpc_status
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,11 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 
 
 class Security:
-    """Keys, TLS material, limits, and the interceptor that applies them."""
+    """Keys, TLS material, limits, and the interceptor that applies them.
+
+    Building one registers every secret it knows (the environment's and the key file's) with
+    :func:`service.redaction.register_secrets`, so log records are redacted from then on.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

@@ -21,6 +21,7 @@ from service.config import Settings
 from service.errors import GatewayError
 from service.health import CircuitState, HealthState, ProviderSlot, Warmth
 from service.providers.base import FinishReason, Usage
+from service.redaction import redact
 from service.router import Attempt, RoutedEnd, Router
 from service.status import to_grpc_status
 from service.validation import to_domain
@@ -66,7 +67,7 @@ def _attempts(attempts: tuple[Attempt, ...]) -> list[pb.Attempt]:
         pb.Attempt(
             provider=a.provider,
             error_reason=a.error.reason if a.error else "",
-            error_message=a.error.message if a.error else "",
+            error_message=redact(a.error.message) if a.error else "",
             duration=_duration(a.duration_s),
         )
         for a in attempts
@@ -86,7 +87,7 @@ def provider_health(slot: ProviderSlot) -> pb.ProviderHealth:
         endpoint=slot.provider.endpoint,
         model=slot.provider.default_model,
         state=_STATE[slot.state],
-        last_error=slot.last_error,
+        last_error=redact(slot.last_error),
         circuit_state=_CIRCUIT[slot.breaker.state],
         warmth=_WARMTH[slot.warmth()],
         position=slot.position,

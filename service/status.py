@@ -24,6 +24,7 @@ from service.errors import (
     StreamInterruptedError,
     UnauthenticatedError,
 )
+from service.redaction import redact
 
 ERROR_DOMAIN = "inference.v1"
 
@@ -74,7 +75,7 @@ def to_rpc_status(error: GatewayError) -> status_pb2.Status:
             _pack(
                 error_details_pb2.BadRequest(
                     field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                        error_details_pb2.BadRequest.FieldViolation(field=v.field, description=redact(v.description))
                         for v in error.violations
                     ]
                 )
@@ -90,7 +91,8 @@ def to_rpc_status(error: GatewayError) -> status_pb2.Status:
     if isinstance(error, ResourceExhaustedError):
         details.append(_retry_info(error.retry_after_s))
     details.insert(0, _pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)))
-    return status_pb2.Status(code=getattr(code_pb2, code.name), message=error.message, details=details)
+    # An upstream may echo a credential in its error text; callers never see one.
+    return status_pb2.Status(code=getattr(code_pb2, code.name), message=redact(error.message), details=details)
 
 
 def to_grpc_status(error: GatewayError) -> grpc.Status:

@@ -28,6 +28,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from service import metrics
 from service.providers.base import ChatRequest, Provider, Usage
+from service.redaction import redact
 
 tracer = trace.get_tracer("inference-gateway")
 
@@ -129,7 +130,7 @@ class AttemptSpan:
         """Marks the attempt failed with ``error.type`` = the error's reason."""
         reason = getattr(error, "reason", type(error).__name__ if error else "unknown")
         self.span.set_attribute("error.type", reason)
-        self.span.set_status(Status(StatusCode.ERROR, str(error)[:300] if error else reason))
+        self.span.set_status(Status(StatusCode.ERROR, redact(str(error))[:300] if error else reason))
         metrics.record_attempt(self._provider.name, self._model, time.perf_counter() - self._started, reason, None)
 
     def end(self) -> None:
@@ -189,7 +190,7 @@ class RouteTrace:
     def failed(self, error: Exception) -> None:
         """The call failed as a whole."""
         self.span.set_attribute("error.type", getattr(error, "reason", type(error).__name__))
-        self.span.set_status(Status(StatusCode.ERROR, str(error)[:300]))
+        self.span.set_status(Status(StatusCode.ERROR, redact(str(error))[:300]))
 
     @staticmethod
     def note_circuit(provider: str, before: str, after: str, reason: str) -> None:
