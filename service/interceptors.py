@@ -27,6 +27,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from service import metrics
+from service.security import current_tenant
 from service.telemetry import RpcStats, current_rpc, tracer, tracing_enabled
 
 access_log = logging.getLogger("service.access")
@@ -117,6 +118,7 @@ class _Call:
                         "code": code,
                         "latency_ms": round(elapsed * 1000, 3),
                         "overhead_ms": round(overhead * 1000, 3),
+                        "tenant": current_tenant.get(),
                         "provider": stats.provider,
                         "attempts": stats.attempts,
                         "prompt_tokens": stats.prompt_tokens,

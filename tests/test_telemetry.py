@@ -177,3 +177,18 @@ async def test_content_is_logged_only_when_enabled(otel: Any, caplog: pytest.Log
     finally:
         await stop_gateway(running)
         vast.stop()
+
+
+async def test_access_log_names_the_tenant(otel: Any, caplog: pytest.LogCaptureFixture) -> None:
+    vast = FakeOpenAI(models=[MODAL_MODEL]).start()
+    running = await start_gateway(chain_settings(vast=vast, inference_api_keys="acme:tok-acme-0123456789abcdef"))
+    caplog.set_level(logging.INFO, logger="service.access")
+    try:
+        auth = (("authorization", "Bearer tok-acme-0123456789abcdef"),)
+        await running.stub.Chat(pb.ChatRequest(messages=MESSAGES), metadata=auth)
+        line = json.loads([r for r in caplog.records if r.name == "service.access"][-1].getMessage())
+        assert line["tenant"] == "acme" and line["code"] == "OK"
+        assert "tok-acme" not in caplog.text
+    finally:
+        await stop_gateway(running)
+        vast.stop()
