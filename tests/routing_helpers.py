@@ -22,12 +22,12 @@ def chain_settings(modal: Any = None, vast: Any = None, anthropic: Any = None, *
     values: dict[str, Any] = {
         "retry_initial_delay_s": 0.01,
         "retry_max_delay_s": 0.02,
-        "ttft_timeout_s": 1.0,
+        "ttft_timeout_s": 1.5,
         "stream_idle_timeout_s": 0.5,
         "request_timeout_s": 2.0,
         "wake_poll_interval_s": 0.1,
         "min_attempt_time_s": 0.05,
-        "health_check_timeout_s": 1.0,
+        "health_check_timeout_s": 5.0,
         "connect_timeout_s": 1.0,
     }
     if modal is not None:
