@@ -97,10 +97,20 @@ class ProviderError(GatewayError):
 
 
 class ProviderUnavailableError(ProviderError):
-    """Connection refused or reset, 429 or 5xx: the upstream may answer if asked again."""
+    """Connection refused or reset, 429 or 5xx: the upstream may answer if asked again.
+
+    ``connect_failed`` marks a connection that could not even be made (host down or refusing):
+    the router then falls back at once when another provider is left, instead of retrying.
+    """
 
     reason = "PROVIDER_UNAVAILABLE"
     retryable = True
+
+    def __init__(
+        self, provider: str, message: str, *, retry_after_s: float | None = None, connect_failed: bool = False
+    ) -> None:
+        super().__init__(provider, message, retry_after_s=retry_after_s)
+        self.connect_failed = connect_failed
 
 
 class ProviderTimeoutError(ProviderError):

@@ -262,6 +262,9 @@ class Router:
                     return
                 if not isinstance(err, ProviderError) or not err.retryable or n == tries - 1:
                     break
+                if getattr(err, "connect_failed", False) and index < len(plan) - 1:
+                    # Nothing is listening: falling back now beats a backoff and a second refusal.
+                    break
                 delay = self._backoff_s(n + 1, err)
                 remaining = self._remaining(call.deadline)
                 if delay is None or (remaining is not None and remaining < delay + self.settings.min_attempt_time_s):

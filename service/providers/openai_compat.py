@@ -17,10 +17,9 @@ How these upstreams differ from plain OpenAI:
 Text deltas that arrive in the same network read are relayed as one delta (never delayed to
 wait for more), so a fast upstream costs one gRPC message per read rather than per token.
 
-The HTTP client is aiohttp, not httpx: on this hot path it measured about 5x less CPU per request
-(one pooled ``httpx.AsyncClient``: ~1,100 us CPU per unary call and ~2,400 us per 64-token stream;
-``aiohttp.ClientSession``: ~210 us and ~450 us, same fake upstream, uvloop, one core). The wire
-format lives in :mod:`service.providers.openai_wire` and is tested without I/O.
+The HTTP client is :mod:`service.providers.http1`, a small keep-alive HTTP/1.1 client on asyncio
+Protocols (see there for the measurements against httpx and aiohttp). The wire format lives in
+:mod:`service.providers.openai_wire` and is tested without I/O.
 """
 
 from __future__ import annotations
@@ -30,16 +29,17 @@ import time
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 
-import aiohttp
 import orjson
 from opentelemetry import propagate
 
 from service.errors import (
     GatewayError,
     ProviderError,
+    ProviderProtocolError,
     ProviderTimeoutError,
     ProviderUnavailableError,
 )
+from service.providers import http1
 from service.providers.base import ChatRequest, ChatResult, HealthReport, StreamItem
 from service.providers.openai_wire import (
     CHAT_PATH,
@@ -50,7 +50,9 @@ from service.providers.openai_wire import (
     served_model_ids,
 )
 
-_JSON = "application/json"
+# After SSE [DONE] the chunked body's terminator normally follows at once; waiting this long for it
+# keeps the connection reusable, and a server that never sends it costs no more than this.
+_DRAIN_AFTER_DONE_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,12 +81,12 @@ class OpenAICompatConfig:
     health_path: str = "/health"
 
 
-def _request_headers() -> dict[str, str]:
-    """JSON content type plus the W3C trace context of the current attempt span, so a vLLM
-    started with an OTLP endpoint joins the caller's trace."""
-    headers = {"content-type": _JSON}
+def _request_headers() -> dict[str, str] | None:
+    """The W3C trace context of the current attempt span, so a vLLM started with an OTLP endpoint
+    joins the caller's trace (nothing when tracing is off)."""
+    headers: dict[str, str] = {}
     propagate.inject(headers)
-    return headers
+    return headers or None
 
 
 class OpenAICompatProvider:
@@ -97,39 +99,26 @@ class OpenAICompatProvider:
         self.endpoint = config.base_url.rstrip("/")
         self.default_model = config.model
         self.scale_to_zero = config.scale_to_zero
-        self._session: aiohttp.ClientSession | None = None
-        self._url = self.endpoint + CHAT_PATH
+        self._pool: http1.Pool | None = None
 
     async def start(self) -> None:
-        """Creates the pooled session (one per provider, sized to the concurrency limit)."""
-        if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=self.config.max_connections,
-                limit_per_host=self.config.max_connections,
-                keepalive_timeout=30,
-                ttl_dns_cache=300,
-            )
-            # sock_read bounds each read, i.e. one unary answer or one gap of a stream; the router's
-            # TTFT and idle timeouts are tighter, this is the backstop.
-            timeout = aiohttp.ClientTimeout(
-                total=None, connect=self.config.connect_timeout_s, sock_read=self.config.request_timeout_s
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=timeout,
-                headers=dict(self.config.headers),
-                skip_auto_headers=("User-Agent",),
-                auto_decompress=False,
+        """Creates the connection pool (one per provider, sized to the concurrency limit)."""
+        if self._pool is None:
+            self._pool = http1.Pool(
+                self.endpoint,
+                max_connections=self.config.max_connections,
+                connect_timeout_s=self.config.connect_timeout_s,
+                headers={"content-type": "application/json", **self.config.headers},
             )
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        """The pooled session; ``start()`` must have run."""
-        if self._session is None:
+    def pool(self) -> http1.Pool:
+        """The connection pool; ``start()`` must have run."""
+        if self._pool is None:
             raise RuntimeError(f"provider {self.name} used before start()")
-        return self._session
+        return self._pool
 
-    async def _error(self, response: aiohttp.ClientResponse, model: str) -> GatewayError:
+    async def _error(self, response: http1.Response, model: str) -> GatewayError:
         body = await response.read()
         served = await self._served_models() if response.status == 404 else []
         return error_for_status(
@@ -145,24 +134,31 @@ class OpenAICompatProvider:
         )
 
     def _translate(self, exc: BaseException) -> ProviderError:
-        """Maps aiohttp/socket exceptions to the error tree."""
-        if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
-            return ProviderTimeoutError(self.name, f"{self.name} ({self.endpoint}) timed out: {type(exc).__name__}")
-        if isinstance(exc, (aiohttp.ClientError, OSError)):
+        """Maps transport exceptions to the error tree."""
+        if isinstance(exc, TimeoutError):
+            return ProviderTimeoutError(self.name, f"{self.name} ({self.endpoint}) timed out")
+        if isinstance(exc, http1.ProtocolViolation):
+            return ProviderProtocolError(self.name, f"{self.name} ({self.endpoint}) broke HTTP: {exc}")
+        if isinstance(exc, http1.ConnectFailed):
             return ProviderUnavailableError(
-                self.name, f"{self.name} ({self.endpoint}) connection failed: {type(exc).__name__}: {exc}"
+                self.name, f"{self.name} ({self.endpoint}) connection failed: {exc}", connect_failed=True
             )
+        if isinstance(exc, (http1.HTTPError, OSError)):
+            return ProviderUnavailableError(self.name, f"{self.name} ({self.endpoint}) connection failed: {exc}")
         return ProviderError(self.name, f"{self.name} ({self.endpoint}) failed: {type(exc).__name__}: {exc}")
 
     async def chat(self, request: ChatRequest) -> ChatResult:
         """One unary completion."""
         body = request_body(request, self.default_model, stream=False)
         try:
-            async with self.session.post(self._url, data=orjson.dumps(body), headers=_request_headers()) as response:
+            response = await self.pool.request("POST", CHAT_PATH, orjson.dumps(body), _request_headers())
+            try:
                 if response.status != 200:
                     raise await self._error(response, body["model"])
                 payload = await response.read()
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            finally:
+                response.close()
+        except (http1.HTTPError, OSError) as exc:
             raise self._translate(exc) from exc
         return parse_completion(self.name, payload, body["model"])
 
@@ -170,18 +166,14 @@ class OpenAICompatProvider:
         """Streams deltas over SSE; an unfinished response is closed, which aborts upstream."""
         body = request_body(request, self.default_model, stream=True)
         try:
-            response = await self.session.post(self._url, data=orjson.dumps(body), headers=_request_headers())
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            response = await self.pool.request("POST", CHAT_PATH, orjson.dumps(body), _request_headers())
+        except (http1.HTTPError, OSError) as exc:
             raise self._translate(exc) from exc
         try:
             if response.status != 200:
                 raise await self._error(response, body["model"])
             decoder = SSEDecoder(self.name, body["model"])
-            content = response.content
-            while not decoder.done:
-                data = await content.readany()
-                if not data:
-                    break
+            async for data in response.iter_chunks():
                 deltas = decoder.feed(data)
                 if deltas:
                     # Tokens that arrived in one read go out as one delta: nothing waits for it,
@@ -189,45 +181,51 @@ class OpenAICompatProvider:
                     yield deltas[0] if len(deltas) == 1 else "".join(deltas)
                 if decoder.error is not None:
                     raise decoder.error
-            yield decoder.end()
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                if decoder.done:
+                    break
+            end = decoder.end()
+            await response.drain(_DRAIN_AFTER_DONE_S)
+            yield end
+        except (http1.HTTPError, OSError) as exc:
             raise self._translate(exc) from exc
         finally:
-            # close(), not release(): a response not read to the end must drop its connection so
-            # the engine sees the client go and stops generating.
+            # A response not read to the end drops its connection, so the engine sees the client
+            # go and stops generating.
             response.close()
 
     async def _served_models(self) -> list[str]:
         try:
-            async with self.session.get(self.endpoint + "/v1/models", timeout=aiohttp.ClientTimeout(total=5)) as r:
-                return served_model_ids(await r.read())
+            async with asyncio.timeout(5):
+                response = await self.pool.request("GET", "/v1/models")
+                return served_model_ids(await response.read())
         except Exception:  # best effort: the error message is still useful without the list
             return []
 
     async def check_health(self, timeout_s: float) -> HealthReport:
         """GET /health, then /v1/models; never generates tokens."""
         start = time.perf_counter()
-        timeout = aiohttp.ClientTimeout(total=timeout_s)
         try:
-            async with self.session.get(self.endpoint + self.config.health_path, timeout=timeout) as response:
-                status = response.status
+            async with asyncio.timeout(timeout_s):
+                response = await self.pool.request("GET", self.config.health_path)
                 await response.read()
-            if status != 200:
-                return HealthReport(
-                    False,
-                    time.perf_counter() - start,
-                    error=f"{self.config.health_path} answered {status}",
-                    reachable=status < 500,
-                )
-            async with self.session.get(self.endpoint + "/v1/models", timeout=timeout) as response:
-                status = response.status
+                if response.status != 200:
+                    return HealthReport(
+                        False,
+                        time.perf_counter() - start,
+                        reachable=response.status < 500,
+                        error=f"{self.config.health_path} answered {response.status}",
+                    )
+                response = await self.pool.request("GET", "/v1/models")
                 models_body = await response.read()
-            if status != 200:
-                return HealthReport(
-                    False, time.perf_counter() - start, error=f"/v1/models answered {status}", reachable=status < 500
-                )
+                if response.status != 200:
+                    return HealthReport(
+                        False,
+                        time.perf_counter() - start,
+                        reachable=response.status < 500,
+                        error=f"/v1/models answered {response.status}",
+                    )
             served = served_model_ids(models_body)
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        except (http1.HTTPError, OSError, TimeoutError) as exc:
             return HealthReport(False, time.perf_counter() - start, error=str(self._translate(exc)))
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             return HealthReport(
@@ -249,6 +247,6 @@ class OpenAICompatProvider:
 
     async def aclose(self) -> None:
         """Closes the pool."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.aclose()
+            self._pool = None
