@@ -18,7 +18,7 @@ import clients
 from service.admission import RateLimiter
 from service.providers.base import Usage
 from tests.conftest import RunningGateway, make_settings, start_gateway, stop_gateway
-from tests.test_security import CannedProvider, bearer
+from tests.fakes import CannedProvider, bearer
 
 HELLO = [pb.Message(role=pb.ROLE_USER, content="hello")]
 ALPHA = "alpha-token-0123456789abcdef"

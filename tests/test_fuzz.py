@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from inference.v1 import inference_pb2 as pb
 
 from tests.conftest import RunningGateway, make_settings, start_gateway, stop_gateway
-from tests.test_security import CannedProvider
+from tests.fakes import CannedProvider
 
 _COMMON = {"deadline": None, "database": None, "suppress_health_check": [HealthCheck.too_slow]}
 settings.register_profile("ci", max_examples=250, **_COMMON)  # type: ignore[arg-type]

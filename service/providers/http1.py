@@ -71,7 +71,7 @@ class _Connection(asyncio.Protocol):
         if not self.complete:
             if not self._chunked and self._remaining < 0 and self.status and not self._reading_head:
                 self.complete = True  # a body framed by connection close ends here
-            else:
+            elif self.lost is None:
                 self.lost = exc or Disconnected("the server closed the connection")
         self.keep_alive = False
         self._wake()
@@ -289,6 +289,8 @@ class Response:
                 if conn.complete:
                     break
                 if conn.lost is not None:
+                    if isinstance(conn.lost, HTTPError):
+                        raise conn.lost
                     raise Disconnected(f"connection lost mid-body: {conn.lost}") from conn.lost
                 await conn.wait()
         finally:
