@@ -1,0 +1,1 @@
+"""Benchmark harness: fake upstream, load generator, orchestration (see bench/README.md)."""
