@@ -146,29 +146,42 @@ class _Connection(asyncio.Protocol):
         self._push(data)
 
     def _feed_chunked(self, data: bytes) -> None:
-        view = memoryview(data)
+        # Hot path for streams: one pass of bytes.find per frame, the payloads joined and pushed
+        # once per read (one wake-up of the reader, not one per SSE event).
+        if self._chunk_line:
+            data = bytes(self._chunk_line) + data
+            self._chunk_line.clear()
+        out: list[bytes] = []
         i, n = 0, len(data)
         while i < n:
             state = self._chunk_state
             if state == 1:  # chunk data
-                take = min(self._chunk_left, n - i)
-                self._push(bytes(view[i : i + take]))
-                i += take
-                self._chunk_left -= take
-                if self._chunk_left == 0:
+                end = i + self._chunk_left
+                if end <= n:
+                    out.append(data[i:end])
+                    i = end
+                    self._chunk_left = 0
                     self._chunk_state = 2
+                else:
+                    out.append(data[i:])
+                    self._chunk_left = end - n
+                    i = n
                 continue
-            # size line, CRLF after data, or trailers: all line-based
+            if state == 2 and data.startswith(b"\r\n", i):  # the CRLF closing a chunk
+                i += 2
+                self._chunk_state = 0
+                continue
             nl = data.find(b"\n", i)
             if nl < 0:
-                self._chunk_line += view[i:]
+                self._chunk_line += data[i:]
                 if len(self._chunk_line) > _MAX_HEAD_BYTES:
                     self._fail(ProtocolViolation("chunk header too large"))
-                return
-            line = bytes(self._chunk_line) + bytes(view[i:nl])
-            self._chunk_line.clear()
+                    return
+                break
+            line = data[i:nl]
             i = nl + 1
-            line = line.rstrip(b"\r")
+            if line.endswith(b"\r"):
+                line = line[:-1]
             if state == 2:
                 if line:
                     self._fail(ProtocolViolation("missing CRLF after chunk"))
@@ -176,18 +189,22 @@ class _Connection(asyncio.Protocol):
                 self._chunk_state = 0
             elif state == 0:
                 try:
-                    size = int(line.split(b";", 1)[0].strip(), 16)
+                    size = int(line.split(b";", 1)[0], 16)
                 except ValueError:
                     self._fail(ProtocolViolation(f"bad chunk size {line[:40]!r}"))
                     return
-                if size == 0:
-                    self._chunk_state = 3
-                else:
+                if size:
                     self._chunk_left = size
                     self._chunk_state = 1
+                else:
+                    self._chunk_state = 3
             elif not line:  # end of trailers: the response is complete
+                if out:
+                    self._push(b"".join(out))
                 self._finish()
                 return
+        if out:
+            self._push(out[0] if len(out) == 1 else b"".join(out))
 
     def _push(self, data: bytes) -> None:
         self._body.append(data)
