@@ -15,13 +15,13 @@ Wrapped handlers are cached per method, so the per-call cost is the wrapper itse
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
+import orjson
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
@@ -110,7 +110,7 @@ class _Call:
         metrics.record_rpc(self.method, code, overhead if code == "OK" else None)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(
-                json.dumps(
+                orjson.dumps(
                     {
                         **(content or {}),
                         "event": "rpc",
@@ -126,8 +126,7 @@ class _Call:
                         "trace_id": f"{ctx.trace_id:032x}" if ctx.is_valid else "",
                         "span_id": f"{ctx.span_id:016x}" if ctx.is_valid else "",
                     },
-                    separators=(",", ":"),
-                )
+                ).decode()
             )
         current_rpc.reset(self.stats_token)
         if self.token is not None:
