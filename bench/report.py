@@ -58,7 +58,7 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     row("c=1 stream: added TTFT p50", "<= 0.5 ms", v, "ms", le(v, 0.5))
     v = added(results, "gateway", "c1_stream", "ttft_ms", "p99")
     row("c=1 stream: added TTFT p99", "<= 1.5 ms", v, "ms", le(v, 1.5))
-    v = added(results, "gateway", "c1_stream", "gap_ms", "p50")
+    v = added(results, "gateway", "c1_stream_paced", "gap_ms", "p50")
     row("c=1 stream: added gap between chunks p50", "<= 50 us", None if v is None else v * 1000, "us", le(v, 0.05))
     v = _best(results, "gateway", ("c64_unary", "c256_unary"), "throughput_rps")
     row("unary throughput (best of c=64, c=256), one core", ">= 2,000 req/s", v, "req/s", ge(v, 2000))
@@ -72,7 +72,16 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         v,
         "chunks/s",
         ge(v, 50_000),
-        f"gRPC messages with text received: {_fmt(msgs, 0)}/s",
+        f"gRPC messages with text received: {_fmt(msgs, 0)}/s (tokens of one read share a message)",
+    )
+    v = _get(results, "gateway", "c256_stream_paced", "chunks_per_s")
+    row(
+        "streamed chunks/s, one token per message (c=256, 1 token / 2 ms)",
+        ">= 50,000 chunks/s",
+        v,
+        "chunks/s",
+        ge(v, 50_000),
+        "every token arrives in its own read: the per-message relay capacity",
     )
     errs = _get(results, "gateway", "streams_2000", "errors_all")
     inflight = _get(results, "gateway", "streams_2000", "max_in_flight")

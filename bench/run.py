@@ -37,7 +37,17 @@ from bench.procs import (
     wait_until,
 )
 from bench.report import write_all
-from bench.scenarios import FALLBACK_CONFIGS, FALLBACK_SCENARIO, FULL, PACED_DELAY_MS, PACED_MODEL, QUICK, Scenario
+from bench.scenarios import (
+    FALLBACK_CONFIGS,
+    FALLBACK_SCENARIO,
+    FULL,
+    GAP_DELAY_MS,
+    GAP_MODEL,
+    PACED_DELAY_MS,
+    PACED_MODEL,
+    QUICK,
+    Scenario,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024
@@ -112,6 +122,8 @@ class Bench:
                 str(port),
                 "--paced",
                 f"{PACED_MODEL}={PACED_DELAY_MS:g}",
+                "--paced",
+                f"{GAP_MODEL}={GAP_DELAY_MS:g}",
             ],
             env=_env(),
             cpu=self.side_cpu,
@@ -147,7 +159,7 @@ class Bench:
     def spec(self, sc: Scenario, target: str, address: str, grpc_default_model: bool = True) -> LoadSpec:
         """The load spec of ``sc`` against one target."""
         model = sc.model
-        if target == "grpc" and not sc.paced and grpc_default_model:
+        if target == "grpc" and not sc.paced and not sc.upstream_model and grpc_default_model:
             model = ""  # the gateway's configured default (VASTAI_MODEL)
         return LoadSpec(
             target=target,

@@ -12,6 +12,11 @@ from dataclasses import dataclass
 FAST_MODEL = "bench-model"
 PACED_MODEL = "bench-model-paced"  # one token per PACED_DELAY_MS, first token included
 PACED_DELAY_MS = 100.0
+# A stream paced like a fast engine (one token every 2 ms): each token arrives in its own read, so
+# the gap between chunks measures the gateway's per-token relay cost (an instant upstream's tokens
+# arrive together and are relayed as one delta).
+GAP_MODEL = "bench-model-gap"
+GAP_DELAY_MS = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,19 +50,34 @@ class Scenario:
     workers: int = 1
     channels: int = 1
     timeout_s: float = 30.0
+    upstream_model: str = ""
 
     @property
     def model(self) -> str:
         """The upstream model this scenario asks for."""
-        return PACED_MODEL if self.paced else FAST_MODEL
+        return self.upstream_model or (PACED_MODEL if self.paced else FAST_MODEL)
 
 
 FULL = [
     Scenario("c1_unary", "c=1 unary, 16 tokens", "unary", 1, max_tokens=16),
     Scenario("c1_stream", "c=1 stream, 64 tokens", "stream", 1, max_tokens=64),
+    Scenario(
+        "c1_stream_paced", "c=1 stream, 64 tokens, 1 token / 2 ms", "stream", 1, max_tokens=64, upstream_model=GAP_MODEL
+    ),
     Scenario("c64_unary", "c=64 unary, 16 tokens", "unary", 64, max_tokens=16, workers=2, channels=2),
     Scenario("c256_unary", "c=256 unary, 16 tokens", "unary", 256, max_tokens=16, workers=2, channels=4),
     Scenario("c64_stream", "c=64 stream, 64 tokens", "stream", 64, max_tokens=64, workers=2, channels=2),
+    # Every token in its own upstream read and its own gRPC message: the per-message relay capacity.
+    Scenario(
+        "c256_stream_paced",
+        "c=256 stream, 64 tokens, 1 token / 2 ms",
+        "stream",
+        256,
+        max_tokens=64,
+        upstream_model=GAP_MODEL,
+        workers=2,
+        channels=4,
+    ),
     Scenario(
         "open150_unary",
         "open loop 150 req/s (Poisson) unary",
