@@ -71,6 +71,7 @@ class Gateway:
         self.security.check_bind()
         self.router.monitor.on_change = self._publish_health
         await self.router.start()
+        pending = max(4096, 4 * self.settings.max_concurrent_requests)
         options = [
             ("grpc.max_receive_message_length", self.settings.max_request_bytes),
             ("grpc.max_send_message_length", 16 * 1024 * 1024),
@@ -78,6 +79,12 @@ class Gateway:
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.keepalive_permit_without_calls", 1),
+            # gRPC core cancels calls at random (status CANCELLED, never reaching a handler) once
+            # more than max_pending_requests (default 1,000) arrive faster than the loop accepts
+            # them. Admission control is the overload policy here (RESOURCE_EXHAUSTED + RetryInfo),
+            # so core must let every call through to it.
+            ("grpc.server.max_pending_requests", pending),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * pending),
         ]
         # Telemetry outermost: rejected calls (auth, admission) get spans and access-log lines too.
         interceptors = [
