@@ -10,7 +10,6 @@ import asyncio
 import collections
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -58,8 +57,14 @@ async def test_a_burst_of_2000_streams_is_served() -> None:
             "MAX_CONCURRENT_REQUESTS": "4096",
             "LOG_LEVEL": "WARNING",
         }
-        server = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        server = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "service",
+            cwd=ROOT,
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
         )
         try:
             await wait_serving_async(f"127.0.0.1:{port}")
@@ -71,4 +76,4 @@ async def test_a_burst_of_2000_streams_is_served() -> None:
             assert codes == {"OK": 2000}, codes
         finally:
             server.terminate()
-            server.wait(timeout=20)
+            await asyncio.wait_for(server.wait(), 20)
