@@ -17,7 +17,7 @@ import grpc
 from inference.v1 import inference_pb2 as pb
 from inference.v1 import inference_pb2_grpc as pb_grpc
 
-from clients.errors import InferenceError, StreamInterruptedError, UnavailableError, from_rpc_error
+from clients.errors import InferenceError, UnavailableError, from_rpc_error
 from clients.types import Attempt, ChatResult, Health, ProviderHealth, Usage
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -105,10 +105,16 @@ def _health(r: pb.HealthResponse) -> Health:
     )
 
 
-def _backoff(retry: int, err: InferenceError) -> float:
+def _retry_delay(err: InferenceError, retry: int, deadline: float) -> float | None:
+    """Seconds to wait before retrying, or None to give up: only UNAVAILABLE before any text
+    (never an interrupted stream), at most MAX_RETRIES times, and only inside the deadline."""
+    if type(err) is not UnavailableError or retry >= MAX_RETRIES:
+        return None
     if err.retry_after_s is not None:
-        return err.retry_after_s
-    return random.uniform(0, min(MAX_RETRY_DELAY_S, INITIAL_RETRY_DELAY_S * 2**retry))
+        delay = err.retry_after_s
+    else:
+        delay = random.uniform(0, min(MAX_RETRY_DELAY_S, INITIAL_RETRY_DELAY_S * 2**retry))
+    return None if time.monotonic() + delay >= deadline else delay
 
 
 def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
@@ -193,15 +199,8 @@ class ChatStream:
                 return
             except grpc.RpcError as exc:
                 err = from_rpc_error(exc)
-                if (
-                    type(err) is not UnavailableError
-                    or self.text_parts
-                    or retry >= MAX_RETRIES
-                    or isinstance(err, StreamInterruptedError)
-                ):
-                    raise err from None
-                delay = _backoff(retry, err)
-                if time.monotonic() + delay >= deadline:
+                delay = None if self.text_parts else _retry_delay(err, retry, deadline)
+                if delay is None:
                     raise err from None
                 retry += 1
                 await asyncio.sleep(delay)
@@ -274,10 +273,8 @@ class AsyncInferenceClient:
                 return _chat_result(response)
             except grpc.RpcError as exc:
                 err = from_rpc_error(exc)
-                if not isinstance(err, UnavailableError) or retry >= MAX_RETRIES:
-                    raise err from None
-                delay = _backoff(retry, err)
-                if time.monotonic() + delay >= deadline:
+                delay = _retry_delay(err, retry, deadline)
+                if delay is None:
                     raise err from None
                 retry += 1
                 await asyncio.sleep(delay)
@@ -387,10 +384,8 @@ class InferenceClient:
                 )
             except grpc.RpcError as exc:
                 err = from_rpc_error(exc)
-                if not isinstance(err, UnavailableError) or retry >= MAX_RETRIES:
-                    raise err from None
-                delay = _backoff(retry, err)
-                if time.monotonic() + delay >= deadline:
+                delay = _retry_delay(err, retry, deadline)
+                if delay is None:
                     raise err from None
                 retry += 1
                 time.sleep(delay)
