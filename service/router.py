@@ -16,9 +16,11 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
 
 from service.config import Settings
 from service.errors import (
@@ -37,9 +39,11 @@ from service.errors import (
 )
 from service.health import CircuitBreaker, CircuitState, HealthMonitor, HealthState, ProviderSlot, Warmth
 from service.providers.base import ChatRequest, ChatResult, Provider, StreamEnd, StreamItem
-from service.telemetry import RouteTrace, RpcStats, current_rpc
+from service.telemetry import AttemptSpan, RouteTrace, RpcStats, current_rpc
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # A timeout this close to the caller's deadline is the deadline's doing.
 _DEADLINE_SLACK_S = 0.01
@@ -282,8 +286,6 @@ class Router:
     def _record(self, call: _Call, slot: ProviderSlot, err: BaseException | None, started: float) -> None:
         """Books one attempt's outcome; raises at once for the caller's own mistakes."""
         duration = time.perf_counter() - started
-        if call.stats is not None and not call.streaming:
-            call.stats.upstream_s += duration
         slot.counters.attempts += 1
         if err is None:
             slot.record_success()
@@ -326,6 +328,50 @@ class Router:
             )
         return AllProvidersFailedError(dict(call.errors))
 
+    async def _first(
+        self,
+        call: _Call,
+        step: _Step,
+        n: int,
+        request: ChatRequest,
+        start: Callable[[], Awaitable[T]],
+        cleanup: Callable[[], Awaitable[None]] | None,
+    ) -> tuple[AttemptSpan, T, float] | None:
+        """Runs an attempt up to its first result (a unary answer, or a stream's first item) under
+        the attempt span and budget. Returns (span, value, start time), or None after booking a
+        provider failure; a caller mistake or a cancellation propagates."""
+        slot = step.slot
+        call.budget_s = self._attempt_budget(call.deadline, first_token=call.streaming)
+        started = time.perf_counter()
+        span = call.trace.attempt(slot.provider, request, n, step.wait_cold)
+        try:
+            with span.current():
+                async with asyncio.timeout(call.budget_s):
+                    value = await start()
+        except asyncio.CancelledError:
+            if cleanup is not None:
+                await cleanup()
+            slot.breaker.release_probe()
+            span.end()
+            raise
+        except Exception as exc:
+            if cleanup is not None:
+                await cleanup()
+            self._add_upstream(call, started)
+            try:
+                self._record(call, slot, exc, started)
+            finally:
+                span.failed(call.last_error)
+                span.end()
+            return None
+        self._add_upstream(call, started)
+        return span, value, started
+
+    @staticmethod
+    def _add_upstream(call: _Call, since: float) -> None:
+        if call.stats is not None:
+            call.stats.upstream_s += time.perf_counter() - since
+
     # ---- public API -------------------------------------------------------------------------
 
     def _call(self, request: ChatRequest, deadline: float | None, policy: str | None, rpc: str) -> _Call:
@@ -344,24 +390,10 @@ class Router:
         with call.trace.scope():
             async for step, n in self._walk(call):
                 slot = step.slot
-                call.budget_s = self._attempt_budget(deadline, first_token=False)
-                started = time.perf_counter()
-                span = call.trace.attempt(slot.provider, request, n, step.wait_cold)
-                try:
-                    with span.current():
-                        async with asyncio.timeout(call.budget_s):
-                            result = await slot.provider.chat(request)
-                except asyncio.CancelledError:
-                    slot.breaker.release_probe()
-                    span.end()
-                    raise
-                except Exception as exc:
-                    try:
-                        self._record(call, slot, exc, started)
-                    finally:
-                        span.failed(call.last_error)
-                        span.end()
+                got = await self._first(call, step, n, request, partial(slot.provider.chat, request), None)
+                if got is None:
                     continue
+                span, result, started = got
                 self._record(call, slot, None, started)
                 span.succeeded(result.id, result.model, result.finish_reason.value, result.usage)
                 span.end()
@@ -381,34 +413,16 @@ class Router:
         closes the upstream response, which aborts generation there.
         """
         call = self._call(request, deadline, policy, "ChatStream")
-        upstream_s = 0.0  # time awaiting the provider; the rest of the call is the gateway's
+        upstream_s = 0.0  # time awaiting the provider mid-stream; the rest of the call is the gateway's
         with call.trace.scope():
             serving: tuple[ProviderSlot, AsyncGenerator[StreamItem, None], StreamItem] | None = None
             async for step, n in self._walk(call):
                 slot = step.slot
-                call.budget_s = self._attempt_budget(deadline, first_token=True)
-                started = time.perf_counter()
                 gen = slot.provider.stream(request)
-                span = call.trace.attempt(slot.provider, request, n, step.wait_cold)
-                try:
-                    with span.current():
-                        async with asyncio.timeout(call.budget_s):
-                            first = await anext(gen)
-                except asyncio.CancelledError:
-                    await gen.aclose()
-                    slot.breaker.release_probe()
-                    span.end()
-                    raise
-                except Exception as exc:
-                    await gen.aclose()
-                    upstream_s += time.perf_counter() - started
-                    try:
-                        self._record(call, slot, exc, started)
-                    finally:
-                        span.failed(call.last_error)
-                        span.end()
+                got = await self._first(call, step, n, request, partial(anext, gen), gen.aclose)
+                if got is None:
                     continue
-                upstream_s += time.perf_counter() - started
+                span, first, started = got
                 span.first_chunk()
                 serving = (slot, gen, first)
                 break
