@@ -333,11 +333,15 @@ class InferenceClient:
         private_key: bytes | None = None,
         certificate_chain: bytes | None = None,
         tls: bool | None = None,
+        server_name: str | None = None,
     ) -> None:
+        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
         if tls or root_certificates:
-            self._channel = grpc.secure_channel(target, _credentials(root_certificates, private_key, certificate_chain))
+            self._channel = grpc.secure_channel(
+                target, _credentials(root_certificates, private_key, certificate_chain), options=options
+            )
         else:
-            self._channel = grpc.insecure_channel(target)
+            self._channel = grpc.insecure_channel(target, options=options)
         self._stub = pb_grpc.InferenceServiceStub(self._channel)
         self._metadata = _metadata(api_key)
         self.timeout_s = timeout_s

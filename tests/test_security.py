@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -306,6 +307,14 @@ async def test_tls_serves_clients_that_trust_the_ca(pki: Pki) -> None:
             target, api_key=BETA, root_certificates=pki.ca, server_name="localhost"
         ) as client:
             assert (await client.chat("hello", timeout_s=5)).text == "canned answer"
+
+        def sync_call() -> str:
+            with clients.InferenceClient(
+                f"127.0.0.1:{running.gateway.port}", api_key=ALPHA, root_certificates=pki.ca, server_name="localhost"
+            ) as sync_client:
+                return sync_client.chat("hello", timeout_s=5).text
+
+        assert await asyncio.to_thread(sync_call) == "canned answer"
         async with clients.AsyncInferenceClient(running.target, api_key=ALPHA) as plaintext:
             with pytest.raises(clients.UnavailableError):
                 await plaintext.chat("hello", timeout_s=2)
