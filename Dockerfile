@@ -23,7 +23,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 # A non-loopback bind needs INFERENCE_API_KEYS (or ALLOW_INSECURE_BIND=true): pass them at run time.
 USER 10001
 EXPOSE 50051
-# The standard grpc.health.v1 Check, with the grpcio already in the image (no extra binary).
+# The standard grpc.health.v1 Check, over TLS when TLS_CERT_FILE is set (service/healthcheck.py).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
-  CMD ["python", "-c", "import grpc,sys;from grpc_health.v1 import health_pb2 as h,health_pb2_grpc as g;c=grpc.insecure_channel('127.0.0.1:50051');r=g.HealthStub(c).Check(h.HealthCheckRequest(),timeout=4);sys.exit(0 if r.status==h.HealthCheckResponse.SERVING else 1)"]
+  CMD ["python", "-m", "service.healthcheck"]
 ENTRYPOINT ["inference-gateway"]

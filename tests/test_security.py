@@ -350,3 +350,27 @@ async def test_unreadable_tls_files_are_config_errors(pki: Pki, tmp_path: Path, 
     not_pem.write_text("hello")
     with pytest.raises(ConfigError, match="is not a PEM file"):
         await Gateway(dataclasses.replace(settings, **{which: str(not_pem)}), [provider]).start()
+
+
+async def test_container_health_check_speaks_tls_and_mtls(pki: Pki) -> None:
+    from service.healthcheck import check
+
+    plain = await start_gateway(make_settings(), [CannedProvider()])
+    tls = await start_gateway(tls_settings(pki), [CannedProvider()])
+    mtls = await start_gateway(tls_settings(pki, tls_client_ca_file=str(pki.ca_file)), [CannedProvider()])
+    client_cert, client_key = Path(str(pki.ca_file)).parent / "hc.pem", Path(str(pki.ca_file)).parent / "hc.key"
+    client_cert.write_bytes(pki.client_cert)
+    client_key.write_bytes(pki.client_key)
+    try:
+        tls_env = {"TLS_CERT_FILE": str(pki.server_cert), "HEALTHCHECK_CA_FILE": str(pki.ca_file)}
+        assert await asyncio.to_thread(check, {"GRPC_LISTEN_ADDRESS": f"0.0.0.0:{plain.gateway.port}"})
+        assert await asyncio.to_thread(check, {"GRPC_LISTEN_ADDRESS": f"0.0.0.0:{tls.gateway.port}", **tls_env})
+        # Plaintext against TLS, and TLS without a client certificate against mTLS, both fail.
+        assert not await asyncio.to_thread(check, {"GRPC_LISTEN_ADDRESS": f"127.0.0.1:{tls.gateway.port}"}, 2.0)
+        mtls_env = {"GRPC_LISTEN_ADDRESS": f"127.0.0.1:{mtls.gateway.port}", **tls_env}
+        assert not await asyncio.to_thread(check, mtls_env, 2.0)
+        mtls_env |= {"HEALTHCHECK_CLIENT_CERT_FILE": str(client_cert), "HEALTHCHECK_CLIENT_KEY_FILE": str(client_key)}
+        assert await asyncio.to_thread(check, mtls_env)
+    finally:
+        for running in (plain, tls, mtls):
+            await stop_gateway(running)

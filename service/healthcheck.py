@@ -1,0 +1,54 @@
+"""``python -m service.healthcheck``: the standard grpc.health.v1 Check against this service, for
+container and exec probes. Exit 0 when SERVING, 1 otherwise.
+
+It reads the service's own variables: GRPC_LISTEN_ADDRESS (a wildcard host becomes 127.0.0.1) and,
+when TLS_CERT_FILE is set, speaks TLS trusting HEALTHCHECK_CA_FILE (default: TLS_CERT_FILE itself,
+right for a self-signed certificate), presenting HEALTHCHECK_CLIENT_CERT_FILE/_KEY_FILE when the
+server requires client certificates, and checking the name HEALTHCHECK_SERVER_NAME (default
+``localhost``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def _read(path: str) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def check(env: Mapping[str, str], timeout_s: float = 4.0) -> bool:
+    """True when the service answers SERVING."""
+    host, _, port = env.get("GRPC_LISTEN_ADDRESS", "127.0.0.1:50051").rpartition(":")
+    if host in ("", "0.0.0.0", "[::]", "::"):
+        host = "127.0.0.1"
+    target = f"{host}:{port}"
+    if env.get("TLS_CERT_FILE"):
+        credentials = grpc.ssl_channel_credentials(
+            _read(env.get("HEALTHCHECK_CA_FILE") or env["TLS_CERT_FILE"]),
+            _read(env.get("HEALTHCHECK_CLIENT_KEY_FILE", "")),
+            _read(env.get("HEALTHCHECK_CLIENT_CERT_FILE", "")),
+        )
+        name = env.get("HEALTHCHECK_SERVER_NAME", "localhost")
+        channel = grpc.secure_channel(target, credentials, options=[("grpc.ssl_target_name_override", name)])
+    else:
+        channel = grpc.insecure_channel(target)
+    with channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            print(f"health check failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+if __name__ == "__main__":
+    sys.exit(0 if check(os.environ) else 1)
