@@ -15,16 +15,20 @@ from collections.abc import Sequence
 from typing import Any
 
 from tests.upstreams.base import (
-    Behaviour,
-    ChatContext,
-    ContextTooLong,
-    Exchange,
     FakeUpstream,
+)
+from tests.upstreams.behaviours import (
+    Behaviour,
+    ContextTooLong,
     InBandError,
     Ok,
     Overloaded,
-    RecordedRequest,
     UnknownModel,
+)
+from tests.upstreams.wire import (
+    ChatContext,
+    Exchange,
+    RecordedRequest,
     count_words,
     dumps,
 )
