@@ -17,6 +17,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from opentelemetry import trace
+
 from service.providers.base import HealthReport, Provider
 
 log = logging.getLogger(__name__)
@@ -229,6 +231,30 @@ class HealthMonitor:
             log.info(
                 "provider %s is %s%s", slot.name, slot.state.value, f" ({slot.last_error})" if slot.last_error else ""
             )
+
+    def wake(self, slot: ProviderSlot, timeout_s: float, poll_interval_s: float) -> bool:
+        """Starts the one wake-up of a cold provider unless one is running; True if it started."""
+        if slot.waker is not None and not slot.waker.done():
+            return False
+        slot.waker = asyncio.create_task(self._wake_loop(slot, timeout_s, poll_interval_s), name=f"wake-{slot.name}")
+        return True
+
+    async def _wake_loop(self, slot: ProviderSlot, timeout_s: float, poll_interval_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            # On Modal one probe blocks until a replica is up; a stand-in that refuses
+            # connections is polled instead. Either way only this task talks to it.
+            await self.check(slot)
+            if slot.state is HealthState.HEALTHY:
+                slot.breaker.record_success()
+                log.info("provider %s is warm again", slot.name)
+                trace.get_current_span().add_event("provider_warm", {"provider": slot.name})
+                return
+            if slot.last_reachable:
+                log.warning("provider %s is up but unhealthy: %s", slot.name, slot.last_error)
+                return
+            await asyncio.sleep(poll_interval_s)
+        log.warning("provider %s did not wake within %.0f s", slot.name, timeout_s)
 
     def should_probe(self, slot: ProviderSlot, now: float) -> bool:
         """Scale-to-zero providers are probed only while traffic keeps them warm anyway."""

@@ -176,27 +176,8 @@ class Router:
 
     def _wake(self, slot: ProviderSlot, trace: RouteTrace) -> None:
         """Starts one wake-up for a cold provider, shared by every caller that finds it cold."""
-        if slot.waker is not None and not slot.waker.done():
-            return
-        trace.event("wake_up", provider=slot.name)
-        slot.waker = asyncio.create_task(self._wake_loop(slot), name=f"wake-{slot.name}")
-
-    async def _wake_loop(self, slot: ProviderSlot) -> None:
-        deadline = time.monotonic() + self.settings.cold_start_timeout_s
-        while time.monotonic() < deadline:
-            # On Modal one probe blocks until a replica is up; a stand-in that refuses
-            # connections is polled instead. Either way only this task talks to it.
-            await self.monitor.check(slot)
-            if slot.state is HealthState.HEALTHY:
-                slot.breaker.record_success()
-                log.info("provider %s is warm again", slot.name)
-                RouteTrace.note_warm(slot.name)
-                return
-            if slot.last_reachable:
-                log.warning("provider %s is up but unhealthy: %s", slot.name, slot.last_error)
-                return
-            await asyncio.sleep(self.settings.wake_poll_interval_s)
-        log.warning("provider %s did not wake within %.0f s", slot.name, self.settings.cold_start_timeout_s)
+        if self.monitor.wake(slot, self.settings.cold_start_timeout_s, self.settings.wake_poll_interval_s):
+            trace.event("wake_up", provider=slot.name)
 
     # ---- attempts -------------------------------------------------------------------------
 

@@ -200,11 +200,6 @@ class RouteTrace:
         )
         metrics.record_circuit(provider, after)
 
-    @staticmethod
-    def note_warm(provider: str) -> None:
-        """A wake-up found the provider warm."""
-        trace.get_current_span().add_event("provider_warm", {"provider": provider})
-
 
 def _split_endpoint(endpoint: str) -> tuple[str, int | None]:
     rest = endpoint.split("://", 1)[-1].split("/", 1)[0]
