@@ -66,6 +66,18 @@ class InvalidRequestError(GatewayError):
         self.violations = violations or []
 
     @classmethod
+    def upstream(cls, provider: str, text: str) -> InvalidRequestError:
+        """An upstream's 400: names the request field its message points at, so callers get a
+        google.rpc.BadRequest like for the gateway's own checks (``messages`` for context length)."""
+        low = text.lower()
+        field = next((f for f in ("max_tokens", "temperature", "top_p", "stop", "seed") if f in low), "")
+        if not field:
+            long_context = any(w in low for w in ("context", "too long", "prompt", "token"))
+            field = "messages" if long_context else "request"
+        message = f"{provider} rejected the request: {text}"
+        return cls(message, [FieldViolation(field, text)])
+
+    @classmethod
     def from_violations(cls, violations: list[FieldViolation]) -> InvalidRequestError:
         """Builds one error naming every bad field."""
         text = "; ".join(f"{v.field}: {v.description}" for v in violations)

@@ -161,6 +161,7 @@ async def test_context_too_long_is_the_callers_mistake(chain: tuple[Any, ...], r
     outcome = await call(running.stub, rpc)
     assert outcome.code is grpc.StatusCode.INVALID_ARGUMENT
     assert "maximum context length" in outcome.details
+    assert "maximum context length" in outcome.violations["messages"]  # BadRequest names the field
     assert len(modal.chat_requests) == 1 and vast.chat_requests == [] and anth.chat_requests == []
 
 

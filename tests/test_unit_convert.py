@@ -154,3 +154,12 @@ def test_bad_config_names_the_variable(env: dict[str, str], needle: str) -> None
     with pytest.raises(ConfigError) as info:
         Settings.from_env(env)
     assert needle in str(info.value)
+
+
+def test_upstream_400_names_the_field() -> None:
+    long_ctx = InvalidRequestError.upstream("modal", "This model's maximum context length is 4096 tokens.")
+    assert [(v.field, v.description) for v in long_ctx.violations] == [
+        ("messages", "This model's maximum context length is 4096 tokens.")
+    ]
+    assert InvalidRequestError.upstream("vastai", "temperature must be <= 2").violations[0].field == "temperature"
+    assert InvalidRequestError.upstream("vastai", "bad json").violations[0].field == "request"

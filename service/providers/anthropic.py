@@ -148,7 +148,7 @@ class AnthropicProvider:
                     return ProviderUnavailableError(self.name, f"anthropic failed mid-stream: {text}")
                 return ProviderProtocolError(self.name, f"anthropic failed mid-stream: {text}")
             if status in (400, 413, 422):
-                return InvalidRequestError(f"anthropic rejected the request: {text}")
+                return InvalidRequestError.upstream("anthropic", text)
             if status in (401, 403):
                 return ProviderAuthError(
                     self.name, f"anthropic refused the credentials ({text}); check ANTHROPIC_API_KEY"

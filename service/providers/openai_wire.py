@@ -95,7 +95,7 @@ def error_for_status(
             provider, f"{where}: credentials refused ({text}); check the provider's API key or proxy token"
         )
     if status in (400, 413, 422):
-        return InvalidRequestError(f"{provider} rejected the request: {text}")
+        return InvalidRequestError.upstream(provider, text)
     if status in (408, 429) or status >= 500:
         return ProviderUnavailableError(provider, f"{where}: {text}", retry_after_s=retry_after_s(retry_after))
     return ProviderError(provider, f"{where}: {text}")
