@@ -75,8 +75,7 @@ class ModalProvider(OpenAICompatProvider):
                 raise ConfigError(f"could not look up the Modal endpoint: {exc}; set MODAL_WEB_URL") from exc
             if resolved is None:
                 raise ConfigError("MODAL_WEB_URL is unset and the Modal lookup found nothing")
-            self.endpoint = str(getattr(resolved, "url", resolved)).rstrip("/")
-            self._url = self.endpoint + "/v1/chat/completions"
+            self.endpoint = resolved.url.rstrip("/")
             log.info("resolved the Modal endpoint through the modal SDK: %s", self.endpoint)
         await super().start()
 
