@@ -235,7 +235,7 @@ ENV_DOCS: list[tuple[str, str, str]] = [
     ("MAX_REQUEST_BYTES", "1048576", "largest request message (grpc.max_receive_message_length)"),
     ("HEALTH_CHECK_INTERVAL_S", "60", "seconds between provider health checks"),
     ("HEALTH_CHECK_TIMEOUT_S", "5", "timeout of one health probe"),
-    ("REQUEST_TIMEOUT_S", "120", "upper bound of one upstream attempt"),
+    ("REQUEST_TIMEOUT_S", "120", "upper bound of one upstream attempt (keep under 150 s with Modal)"),
     ("CONNECT_TIMEOUT_S", "3", "TCP/TLS connect timeout to an upstream"),
     ("TTFT_TIMEOUT_S", "20", "per attempt: time allowed until the first token"),
     ("STREAM_IDLE_TIMEOUT_S", "30", "largest gap between two tokens before the stream counts as stalled"),

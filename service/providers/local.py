@@ -52,7 +52,6 @@ class LocalLlamaProvider(OpenAICompatProvider):
         parallel_slots: int = 4,
         context_tokens: int = 8192,
         threads: int = 0,
-        request_timeout_s: float = 120.0,
     ) -> None:
         self._model_path = model_path or default_model_path()
         if not os.path.isfile(self._model_path):
@@ -69,7 +68,6 @@ class LocalLlamaProvider(OpenAICompatProvider):
                 base_url=f"http://127.0.0.1:{self._port}",
                 model=LOCAL_MODEL_ALIAS,
                 model_env_var="LOCAL_MODEL_PATH",
-                request_timeout_s=request_timeout_s,
                 max_connections=max(parallel_slots * 4, 16),
             )
         )

@@ -76,7 +76,6 @@ class OpenAICompatConfig:
     headers: Mapping[str, str] = field(default_factory=dict)
     scale_to_zero: bool = False
     connect_timeout_s: float = 3.0
-    request_timeout_s: float = 120.0
     max_connections: int = 64
     health_path: str = "/health"
 

@@ -43,7 +43,6 @@ def _vastai(s: Settings) -> Provider:
             model_env_var="VASTAI_MODEL",
             headers=headers,
             connect_timeout_s=s.connect_timeout_s,
-            request_timeout_s=s.request_timeout_s,
             max_connections=s.max_concurrent_requests * 2,
         )
     )
@@ -58,9 +57,7 @@ def _anthropic(s: Settings) -> Provider:
 def _local(s: Settings) -> Provider:
     from service.providers.local import LocalLlamaProvider
 
-    return LocalLlamaProvider(
-        s.local_model_path, s.local_parallel_slots, s.local_context_tokens, s.local_threads, s.request_timeout_s
-    )
+    return LocalLlamaProvider(s.local_model_path, s.local_parallel_slots, s.local_context_tokens, s.local_threads)
 
 
 FACTORIES: dict[str, Factory] = {
