@@ -60,14 +60,13 @@ current_rpc: ContextVar[RpcStats | None] = ContextVar("current_rpc", default=Non
 class AttemptSpan:
     """The CLIENT span of one provider attempt, with GenAI semantic-convention attributes."""
 
-    __slots__ = ("_first_chunk_at", "_model", "_provider", "_started", "span")
+    __slots__ = ("_model", "_provider", "_started", "span")
 
     def __init__(self, parent: Span, provider: Provider, request: ChatRequest, retry: int, wait_cold: bool) -> None:
         model = request.model or provider.default_model
         self._model = model
         self._provider = provider
         self._started = time.perf_counter()
-        self._first_chunk_at: float | None = None
         if not parent.is_recording():
             self.span: Span = trace.INVALID_SPAN
             return
@@ -108,8 +107,7 @@ class AttemptSpan:
 
     def first_chunk(self) -> None:
         """Marks the time to first chunk."""
-        self._first_chunk_at = time.perf_counter()
-        ttft = self._first_chunk_at - self._started
+        ttft = time.perf_counter() - self._started
         self.span.set_attribute("gen_ai.response.time_to_first_chunk", ttft)
         metrics.record_ttft(self._provider.name, self._model, ttft)
 

@@ -44,6 +44,7 @@ from service.providers.base import (
     StreamEnd,
     StreamItem,
     Usage,
+    retry_after_s,
 )
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
@@ -164,7 +165,9 @@ class AnthropicProvider:
                 )
             if status in (408, 429, 529) or status >= 500:
                 return ProviderUnavailableError(
-                    self.name, f"anthropic answered {status}: {text}", retry_after_s=_retry_after(exc)
+                    self.name,
+                    f"anthropic answered {status}: {text}",
+                    retry_after_s=retry_after_s(exc.response.headers.get("retry-after")),
                 )
             return ProviderError(self.name, f"anthropic answered {status}: {text}")
         if isinstance(exc, anthropic.APIError):
@@ -259,11 +262,3 @@ def _message_of(exc: anthropic.APIStatusError) -> str:
         if isinstance(err, dict) and err.get("message"):
             return f"{err.get('type', 'error')}: {err['message']}"
     return str(exc.message)[:300]
-
-
-def _retry_after(exc: anthropic.APIStatusError) -> float | None:
-    value = exc.response.headers.get("retry-after")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None

@@ -44,6 +44,16 @@ def finish_reason_from_openai(value: str | None) -> FinishReason:
     return _OPENAI_FINISH.get(value, FinishReason.UNSPECIFIED)
 
 
+def retry_after_s(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds form only; dates are ignored)."""
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
     """One conversation turn."""

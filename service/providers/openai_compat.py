@@ -205,24 +205,16 @@ class OpenAICompatProvider:
         start = time.perf_counter()
         try:
             async with asyncio.timeout(timeout_s):
-                response = await self.pool.request("GET", self.config.health_path)
-                await response.read()
-                if response.status != 200:
-                    return HealthReport(
-                        False,
-                        time.perf_counter() - start,
-                        reachable=response.status < 500,
-                        error=f"{self.config.health_path} answered {response.status}",
-                    )
-                response = await self.pool.request("GET", "/v1/models")
-                models_body = await response.read()
-                if response.status != 200:
-                    return HealthReport(
-                        False,
-                        time.perf_counter() - start,
-                        reachable=response.status < 500,
-                        error=f"/v1/models answered {response.status}",
-                    )
+                for path in (self.config.health_path, "/v1/models"):
+                    response = await self.pool.request("GET", path)
+                    models_body = await response.read()
+                    if response.status != 200:
+                        return HealthReport(
+                            False,
+                            time.perf_counter() - start,
+                            reachable=response.status < 500,
+                            error=f"{path} answered {response.status}",
+                        )
             served = served_model_ids(models_body)
         except (http1.HTTPError, OSError, TimeoutError) as exc:
             return HealthReport(False, time.perf_counter() - start, error=str(self._translate(exc)))

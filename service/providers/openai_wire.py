@@ -16,7 +16,14 @@ from service.errors import (
     ProviderProtocolError,
     ProviderUnavailableError,
 )
-from service.providers.base import ChatRequest, ChatResult, StreamEnd, Usage, finish_reason_from_openai
+from service.providers.base import (
+    ChatRequest,
+    ChatResult,
+    StreamEnd,
+    Usage,
+    finish_reason_from_openai,
+    retry_after_s,
+)
 
 CHAT_PATH = "/v1/chat/completions"
 
@@ -54,16 +61,6 @@ def error_text(body: bytes) -> str:
             return str(err.get("message") or err)[:500]
         return str(err)[:500]
     return str(data)[:300]
-
-
-def retry_after_s(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds form only; dates are ignored)."""
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None
 
 
 def error_for_status(
