@@ -90,7 +90,7 @@ def summarise_collapsed(text: str, top: int = 25) -> dict[str, Any]:
 
 
 def _package(path: str) -> str:
-    """Groups a file path into a package-ish bucket (httpx, grpc, service/router.py, ...)."""
+    """Groups a file path into a package-ish bucket (httpx, grpc, service/routing/router.py, ...)."""
     path = path.split(":", 1)[0]
     if path.startswith("service/") or path.startswith("bench/"):
         return path

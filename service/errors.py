@@ -3,7 +3,7 @@
 Every failure the service can report is one of these; lower-layer exceptions (httpx, the
 anthropic SDK, asyncio timeouts) are translated into them in exactly one place per provider, with
 ``raise ... from exc`` so the cause survives in logs. The gRPC translation (status code, message,
-google.rpc details) lives in :mod:`service.status`, so that providers, which raise these errors,
+google.rpc details) lives in :mod:`service.api.status`, so that providers, which raise these errors,
 never import gRPC.
 
 ::

@@ -13,13 +13,13 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from inference.v1 import inference_pb2, inference_pb2_grpc
 
+from service.api.servicer import InferenceServicer
 from service.config import Settings
-from service.interceptors import TelemetryInterceptor
+from service.guard.security import Security
+from service.observe.interceptors import TelemetryInterceptor
 from service.providers.base import Provider
 from service.providers.registry import build_chain, plan_chain
-from service.router import Router
-from service.security import Security
-from service.servicer import InferenceServicer
+from service.routing.router import Router
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class Gateway:
 
 async def serve(settings: Settings) -> None:
     """Runs until SIGTERM or SIGINT, then drains for SHUTDOWN_GRACE_S and returns."""
-    from service.otel_setup import setup_telemetry
+    from service.observe.otel_setup import setup_telemetry
 
     telemetry = setup_telemetry(settings)
     gateway = Gateway(settings)

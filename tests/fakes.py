@@ -10,8 +10,8 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
+from service.guard.security import current_tenant
 from service.providers.base import ChatRequest, ChatResult, FinishReason, HealthReport, StreamEnd, StreamItem, Usage
-from service.security import current_tenant
 
 CANNED_USAGE = Usage(3, 5)
 

@@ -15,7 +15,7 @@ from grpc_status import rpc_status
 from inference.v1 import inference_pb2 as pb
 
 import clients
-from service.admission import RateLimiter
+from service.guard.admission import RateLimiter
 from service.providers.base import Usage
 from tests.conftest import RunningGateway, make_settings, start_gateway, stop_gateway
 from tests.fakes import CannedProvider, bearer

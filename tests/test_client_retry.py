@@ -14,10 +14,10 @@ from inference.v1 import inference_pb2 as pb
 from inference.v1 import inference_pb2_grpc as pb_grpc
 
 from clients import AsyncInferenceClient, InvalidRequestError, StreamInterruptedError, UnavailableError
+from service.api.status import to_grpc_status
 from service.errors import AllProvidersFailedError, ProviderUnavailableError
 from service.errors import InvalidRequestError as DomainInvalid
 from service.errors import StreamInterruptedError as DomainInterrupted
-from service.status import to_grpc_status
 
 
 class Scripted(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]

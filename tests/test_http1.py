@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import pytest_asyncio
 
-from service.providers import http1
+from service.providers.http import client as http1
 from tests.upstreams import FakeOpenAI, Ok, StallBeforeFirstToken
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

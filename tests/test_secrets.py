@@ -235,7 +235,7 @@ async def test_an_echoed_credential_is_redacted_from_logs(caplog: pytest.LogCapt
     with FakeOpenAI(api_key=ECHOED_KEY) as vast, caplog.at_level(logging.DEBUG):
         error = await echo_call(vast)
         # Whatever logs the upstream's text, as an argument or inside a traceback, logs it redacted.
-        log = logging.getLogger("service.router")
+        log = logging.getLogger("service.routing.router")
         log.warning("provider failed: %s", error.details())
         try:
             raise RuntimeError(f"upstream said: bad key {ECHOED_KEY}")

@@ -20,7 +20,7 @@ from inference.v1 import inference_pb2 as pb
 import clients
 from service.config import Settings
 from service.errors import ConfigError
-from service.security import Security, is_loopback
+from service.guard.security import Security, is_loopback
 from service.server import Gateway
 from tests.conftest import RunningGateway, make_settings, start_gateway, stop_gateway
 from tests.fakes import CannedProvider, Pki, bearer, issue_pki
@@ -280,7 +280,7 @@ async def test_public_bind_allowed_with_keys_or_explicit_opt_in(overrides: dict[
 
 
 def test_auth_off_warns_at_startup(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("WARNING", logger="service.security"):
+    with caplog.at_level("WARNING", logger="service.guard.security"):
         Security(make_settings()).check_bind()
     assert "authentication is off" in caplog.text
 

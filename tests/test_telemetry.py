@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from service import metrics as gateway_metrics
+from service.observe import metrics as gateway_metrics
 from tests.conftest import RunningGateway, start_gateway, stop_gateway
 from tests.routing_helpers import MESSAGES, MODAL_MODEL, chain_settings
 from tests.upstreams import FakeOpenAI, Ok, Status

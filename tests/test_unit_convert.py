@@ -7,6 +7,8 @@ import pytest
 from google.rpc import error_details_pb2
 from inference.v1 import inference_pb2 as pb
 
+from service.api.status import code_for, to_rpc_status
+from service.api.validation import to_domain
 from service.config import Settings
 from service.errors import (
     AllProvidersFailedError,
@@ -16,8 +18,6 @@ from service.errors import (
     ResourceExhaustedError,
     StreamInterruptedError,
 )
-from service.status import code_for, to_rpc_status
-from service.validation import to_domain
 
 SETTINGS = Settings()
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.health import CircuitBreaker, CircuitState
+from service.routing.health import CircuitBreaker, CircuitState
 
 
 class Clock:

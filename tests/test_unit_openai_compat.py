@@ -17,8 +17,8 @@ from service.errors import (
     ProviderUnavailableError,
 )
 from service.providers.base import ChatMessage, ChatRequest, FinishReason, StreamEnd
+from service.providers.http.openai_wire import SSEDecoder, error_for_status, parse_completion, request_body
 from service.providers.openai_compat import OpenAICompatConfig, OpenAICompatProvider
-from service.providers.openai_wire import SSEDecoder, error_for_status, parse_completion, request_body
 from tests.upstreams import EndWithoutFinish, FakeOpenAI, InBandError, MalformedSSE, Ok, ResetAfter, Status
 
 REQ = ChatRequest(messages=(ChatMessage("user", "hi"),), max_tokens=8)

@@ -17,9 +17,9 @@ How these upstreams differ from plain OpenAI:
 Text deltas that arrive in the same network read are relayed as one delta (never delayed to
 wait for more), so a fast upstream costs one gRPC message per read rather than per token.
 
-The HTTP client is :mod:`service.providers.http1`, a small keep-alive HTTP/1.1 client on asyncio
+The HTTP client is :mod:`service.providers.http.client`, a small keep-alive HTTP/1.1 client on asyncio
 Protocols (see there for the measurements against httpx and aiohttp). The wire format lives in
-:mod:`service.providers.openai_wire` and is tested without I/O.
+:mod:`service.providers.http.openai_wire` and is tested without I/O.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ from service.errors import (
     ProviderTimeoutError,
     ProviderUnavailableError,
 )
-from service.providers import http1
 from service.providers.base import ChatRequest, ChatResult, HealthReport, StreamItem
-from service.providers.openai_wire import (
+from service.providers.http import client as http1
+from service.providers.http.openai_wire import (
     CHAT_PATH,
     SSEDecoder,
     error_for_status,

@@ -1,6 +1,6 @@
 """Secret redaction: configured secrets never leave the process in logs, errors or traces.
 
-Dependency-free so that :mod:`service.status` (errors to callers), the servicer (attempt
+Dependency-free so that :mod:`service.api.status` (errors to callers), the servicer (attempt
 messages), telemetry (span status) and the log-record hook can all use it.
 """
 

@@ -23,8 +23,8 @@ from typing import Any
 
 from opentelemetry import metrics, trace
 
-from service import metrics as gateway_metrics
 from service.config import Settings
+from service.observe import metrics as gateway_metrics
 
 log = logging.getLogger(__name__)
 

@@ -35,12 +35,12 @@ from typing import Any, NoReturn
 import grpc
 from inference.v1 import inference_pb2
 
-from service.admission import ConcurrencyLimiter, RateLimiter
-from service.auth import ANONYMOUS, Authenticator, KeyRing, Principal
+from service.api.status import to_grpc_status
 from service.config import Settings
 from service.errors import ConfigError, InvalidRequestError, ResourceExhaustedError
-from service.redaction import register_secrets
-from service.status import to_grpc_status
+from service.guard.admission import ConcurrencyLimiter, RateLimiter
+from service.guard.auth import ANONYMOUS, Authenticator, KeyRing, Principal
+from service.guard.redaction import register_secrets
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class Security:
     """Keys, TLS material, limits, and the interceptor that applies them.
 
     Building one registers every secret it knows (the environment's and the key file's) with
-    :func:`service.redaction.register_secrets`, so log records are redacted from then on.
+    :func:`service.guard.redaction.register_secrets`, so log records are redacted from then on.
     """
 
     def __init__(self, settings: Settings) -> None:

@@ -16,15 +16,15 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from inference.v1 import inference_pb2 as pb
 from inference.v1 import inference_pb2_grpc as pb_grpc
 
-from service import metrics
+from service.api.status import to_grpc_status
+from service.api.validation import to_domain
 from service.config import Settings
 from service.errors import GatewayError
-from service.health import CircuitState, HealthState, ProviderSlot, Warmth
+from service.guard.redaction import redact
+from service.observe import metrics
 from service.providers.base import FinishReason, Usage
-from service.redaction import redact
-from service.router import Attempt, RoutedEnd, Router
-from service.status import to_grpc_status
-from service.validation import to_domain
+from service.routing.health import CircuitState, HealthState, ProviderSlot, Warmth
+from service.routing.router import Attempt, RoutedEnd, Router
 
 _FINISH = {
     FinishReason.UNSPECIFIED: pb.FINISH_REASON_UNSPECIFIED,

@@ -13,8 +13,8 @@ Hashing first also makes all compared values the same length, which ``compare_di
 be constant time.
 
 Every secret the process knows (these tokens and the upstream credentials) is also registered for
-:func:`service.redaction.redact`, which blanks them out of text; from then on every log record is passed through it,
-so an upstream that echoes a credential in an error body cannot put it in the log.
+:func:`service.guard.redaction.redact`, which blanks them out of text; from then on every log record
+is passed through it, so an upstream that echoes a credential in an error body cannot put it in the log.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from typing import Any
 
 import grpc
 
+from service.api.status import to_grpc_status
 from service.config import Settings
 from service.errors import ConfigError, PermissionDeniedError, UnauthenticatedError
-from service.status import to_grpc_status
 
 log = logging.getLogger(__name__)
 
@@ -236,4 +236,4 @@ class Authenticator:
         return principal
 
 
-# Redaction lives in service.redaction (no gRPC imports, so status.py can use it too).
+# Redaction lives in service.guard.redaction (no gRPC imports, so status.py can use it too).

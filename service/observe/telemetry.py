@@ -26,9 +26,9 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from service import metrics
+from service.guard.redaction import redact
+from service.observe import metrics
 from service.providers.base import ChatRequest, Provider, Usage
-from service.redaction import redact
 
 tracer = trace.get_tracer("inference-gateway")
 

@@ -24,7 +24,7 @@ from service.errors import (
     StreamInterruptedError,
     UnauthenticatedError,
 )
-from service.redaction import redact
+from service.guard.redaction import redact
 
 ERROR_DOMAIN = "inference.v1"
 

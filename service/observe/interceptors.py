@@ -4,7 +4,7 @@ For every InferenceService RPC it
 
 * extracts a W3C ``traceparent`` from the call's metadata and starts the SERVER span under it
   (the routing and attempt spans then nest below, and upstream HTTP carries the trace on);
-* keeps a :class:`service.telemetry.RpcStats` in a contextvar for the router to fill;
+* keeps a :class:`service.observe.telemetry.RpcStats` in a contextvar for the router to fill;
 * writes one structured access-log line (JSON) with trace/span ids, provider, status, latency,
   tokens - never credentials, and message content only when LOG_CONTENT=true;
 * records ``gateway.overhead.duration`` (time not spent awaiting a provider) and returns it to the
@@ -26,9 +26,9 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from service import metrics
-from service.security import current_tenant
-from service.telemetry import RpcStats, current_rpc, tracer, tracing_enabled
+from service.guard.security import current_tenant
+from service.observe import metrics
+from service.observe.telemetry import RpcStats, current_rpc, tracer, tracing_enabled
 
 access_log = logging.getLogger("service.access")
 

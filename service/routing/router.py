@@ -37,9 +37,9 @@ from service.errors import (
     ProviderUnavailableError,
     StreamInterruptedError,
 )
-from service.health import CircuitBreaker, CircuitState, HealthMonitor, HealthState, ProviderSlot, Warmth
+from service.observe.telemetry import AttemptSpan, RouteTrace, RpcStats, current_rpc
 from service.providers.base import ChatRequest, ChatResult, Provider, StreamEnd, StreamItem
-from service.telemetry import AttemptSpan, RouteTrace, RpcStats, current_rpc
+from service.routing.health import CircuitBreaker, CircuitState, HealthMonitor, HealthState, ProviderSlot, Warmth
 
 log = logging.getLogger(__name__)
 
