@@ -15,9 +15,10 @@ def main() -> int:
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():
+            print(f"configuration error: {line}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is noise
     from service.server import serve
 

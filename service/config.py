@@ -1,165 +1,216 @@
-"""Service configuration: one frozen dataclass built from environment variables.
+"""Service configuration: every setting, its type, default, unit and allowed range, in one class.
 
-Every tunable lives here with its default and its unit in the name. ``Settings.from_env`` fails
-at startup with a :class:`service.errors.ConfigError` naming the variable and the bad value, so a
-typo never becomes a silent default. The README's configuration table mirrors ``ENV_DOCS``.
+Every tunable lives here with its default and its unit in the name. :meth:`Settings.from_env`
+reads the environment through pydantic-settings and validates every value at startup: a bad value
+never becomes a silent default, and every bad variable is reported at once, one line each, naming
+the variable, the value (secrets blanked) and what is accepted (exit code 2 from ``__main__``).
+Constructing ``Settings(...)`` directly reads nothing from the environment (tests rely on that).
+The README's configuration table mirrors ``ENV_DOCS``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+import contextvars
+import math
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from service.errors import ConfigError
 
-T = TypeVar("T")
-
 KNOWN_PROVIDERS = ("modal", "vastai", "anthropic", "local")
 COLD_START_POLICIES = ("fallback", "wait")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+# Constrained types: the constraint is the documentation of what is accepted.
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # a duration that must pass
+NonNegativeSeconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """All settings; field docs are in ``ENV_DOCS`` (variable, default, meaning)."""
+def _comma_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return tuple(p.strip().lower() for p in value.split(",") if p.strip())
+    return value
 
-    grpc_listen_address: str = "127.0.0.1:50051"
-    provider_order: tuple[str, ...] = ()
+
+def _upper(value: Any) -> Any:
+    return value.strip().upper() if isinstance(value, str) else value
+
+
+def _listen_address(value: str) -> str:
+    """host:port with a numeric port in range, [v6]:port, or unix:/path (grpc's own forms)."""
+    if value.startswith(("unix:", "unix-abstract:")):
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("must be host:port with a port from 0 to 65535 (or unix:/path)")
+    return value
+
+
+Providers = Annotated[
+    tuple[Literal["modal", "vastai", "anthropic", "local"], ...], NoDecode, BeforeValidator(_comma_list)
+]
+ListenAddress = Annotated[str, AfterValidator(_listen_address)]
+LogLevel = Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(_upper)]
+Secret = Annotated[str, Field(repr=False)]
+
+# Settings.from_env passes its mapping to the source through this (pydantic-settings reads os.environ).
+_ENV: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar("settings_env", default=None)
+
+
+class _MappingEnvSource(EnvSettingsSource):
+    """pydantic-settings' environment source over a given mapping instead of os.environ."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
+        self._mapping = {k.lower(): v for k, v in env.items() if v is not None and v.strip() != ""}
+        super().__init__(settings_cls, case_sensitive=False)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return self._mapping
+
+
+class Settings(BaseSettings):
+    """All settings; what each means is in ``ENV_DOCS`` (variable, default, meaning)."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="forbid", case_sensitive=False)
+
+    grpc_listen_address: ListenAddress = "127.0.0.1:50051"
+    provider_order: Providers = ()
     # Modal vLLM
     modal_web_url: str = ""
     modal_model: str = "Qwen/Qwen2.5-7B-Instruct"
-    modal_token_id: str = field(default="", repr=False)  # secret
-    modal_token_secret: str = field(default="", repr=False)  # secret
-    modal_proxy_token_id: str = field(default="", repr=False)  # secret
-    modal_proxy_token_secret: str = field(default="", repr=False)  # secret
-    modal_vllm_api_key: str = field(default="", repr=False)  # secret
-    modal_scaledown_window_minutes: float = 5.0
+    modal_token_id: Secret = ""
+    modal_token_secret: Secret = ""
+    modal_proxy_token_id: Secret = ""
+    modal_proxy_token_secret: Secret = ""
+    modal_vllm_api_key: Secret = ""
+    modal_scaledown_window_minutes: Seconds = 5.0
     # legacy vLLM host
     vastai_vllm_url: str = ""
-    vastai_api_key: str = field(default="", repr=False)  # secret
+    vastai_api_key: Secret = ""
     vastai_model: str = "Qwen/Qwen2.5-7B-Instruct"
     # Anthropic
-    anthropic_api_key: str = field(default="", repr=False)  # secret
+    anthropic_api_key: Secret = ""
     anthropic_model: str = "claude-sonnet-4-5"
     anthropic_base_url: str = ""
     # embedded llama.cpp
     local_model_path: str = ""
-    local_parallel_slots: int = 4
-    local_context_tokens: int = 8192
-    local_threads: int = 0
+    local_parallel_slots: PositiveInt = 4
+    local_context_tokens: PositiveInt = 8192
+    local_threads: NonNegativeInt = 0
     # limits
-    max_concurrent_requests: int = 32
-    max_tokens_cap: int = 4096
-    default_max_tokens: int = 512
-    max_messages: int = 256
-    max_content_chars: int = 100_000
-    max_request_bytes: int = 1_048_576
+    max_concurrent_requests: PositiveInt = 32
+    max_tokens_cap: PositiveInt = 4096
+    default_max_tokens: PositiveInt = 512
+    max_messages: PositiveInt = 256
+    max_content_chars: PositiveInt = 100_000
+    max_request_bytes: PositiveInt = 1_048_576
     # routing
-    health_check_interval_s: float = 60.0
-    health_check_timeout_s: float = 5.0
-    request_timeout_s: float = 120.0
-    connect_timeout_s: float = 3.0
-    ttft_timeout_s: float = 20.0
-    stream_idle_timeout_s: float = 30.0
-    retry_max_retries: int = 1
-    retry_initial_delay_s: float = 0.2
-    retry_max_delay_s: float = 2.0
-    retry_after_max_s: float = 5.0
-    min_attempt_time_s: float = 0.2
-    circuit_failure_threshold: int = 5
-    circuit_cooldown_s: float = 30.0
-    cold_start_policy: str = "fallback"
-    cold_start_timeout_s: float = 600.0
-    wake_poll_interval_s: float = 2.0
+    health_check_interval_s: Seconds = 60.0
+    health_check_timeout_s: Seconds = 5.0
+    health_failure_threshold: PositiveInt = 2
+    request_timeout_s: Seconds = 120.0
+    connect_timeout_s: Seconds = 3.0
+    ttft_timeout_s: Seconds = 20.0
+    stream_idle_timeout_s: Seconds = 30.0
+    retry_max_retries: NonNegativeInt = 1
+    retry_initial_delay_s: NonNegativeSeconds = 0.2
+    retry_max_delay_s: NonNegativeSeconds = 2.0
+    retry_after_max_s: NonNegativeSeconds = 5.0
+    min_attempt_time_s: NonNegativeSeconds = 0.2
+    circuit_failure_threshold: PositiveInt = 5
+    circuit_cooldown_s: Seconds = 30.0
+    cold_start_policy: Literal["fallback", "wait"] = "fallback"
+    cold_start_timeout_s: Seconds = 600.0
+    wake_poll_interval_s: Seconds = 2.0
     # server
-    shutdown_grace_s: float = 10.0
-    log_level: str = "INFO"
+    shutdown_grace_s: NonNegativeSeconds = 10.0
+    log_level: LogLevel = "INFO"
     log_content: bool = False
-    metrics_port: int = 0
+    metrics_port: Port = 0
     # security
-    inference_api_keys: str = field(default="", repr=False)  # secret
+    inference_api_keys: Secret = ""
     inference_api_keys_file: str = ""
-    admin_api_keys: str = field(default="", repr=False)  # secret
+    admin_api_keys: Secret = ""
     auth_exempt_health: bool = True
     allow_insecure_bind: bool = False
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
-    admission_wait_s: float = 0.0
-    rate_limit_rpm: int = 0
-    rate_limit_tpm: int = 0
+    admission_wait_s: NonNegativeSeconds = 0.0
+    rate_limit_rpm: NonNegativeInt = 0
+    rate_limit_tpm: NonNegativeInt = 0
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Only ``from_env`` reads the environment; ``Settings(...)`` takes its arguments alone."""
+        env = _ENV.get()
+        return (init_settings,) if env is None else (init_settings, _MappingEnvSource(settings_cls, env))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Builds settings from ``env`` (default ``os.environ``); raises ConfigError."""
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            var = f.name.upper()
-            raw = env.get(var)
-            if raw is None or raw.strip() == "":
-                continue
-            values[f.name] = _parse(var, raw.strip(), f.type)
-        settings = cls(**values)
+        """Builds settings from ``env`` (default ``os.environ``).
+
+        Raises:
+            ConfigError: one line per bad variable: name, value, what is accepted.
+        """
+        import os
+
+        token = _ENV.set(os.environ if env is None else env)
+        try:
+            settings = cls()
+        except ValidationError as exc:
+            raise ConfigError("\n".join(_describe(exc))) from None
+        finally:
+            _ENV.reset(token)
         settings.validate()
         return settings
 
-    def validate(self) -> None:
-        """Cross-field checks; raises ConfigError naming the variable."""
-        for name in (
-            "max_concurrent_requests",
-            "max_tokens_cap",
-            "default_max_tokens",
-            "local_parallel_slots",
-            "local_context_tokens",
-            "circuit_failure_threshold",
-            "max_messages",
-            "max_content_chars",
-            "max_request_bytes",
-        ):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name.upper()} must be a positive integer, got {getattr(self, name)}")
-        for name in (
-            "health_check_interval_s",
-            "request_timeout_s",
-            "ttft_timeout_s",
-            "stream_idle_timeout_s",
-            "connect_timeout_s",
-            "modal_scaledown_window_minutes",
-        ):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name.upper()} must be a positive number, got {getattr(self, name)}")
+    def replace(self, **changes: Any) -> Settings:
+        """A validated copy with ``changes`` applied (``dataclasses.replace`` for settings)."""
+        try:
+            settings = type(self)(**{**self.model_dump(), **changes})
+        except ValidationError as exc:
+            raise ConfigError("\n".join(_describe(exc))) from None
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:  # type: ignore[override]  # pydantic's deprecated classmethod of that name
+        """Cross-field checks; raises ConfigError naming the variables."""
+        problems: list[str] = []
         if self.default_max_tokens > self.max_tokens_cap:
-            raise ConfigError(
+            problems.append(
                 f"DEFAULT_MAX_TOKENS ({self.default_max_tokens}) exceeds MAX_TOKENS_CAP ({self.max_tokens_cap})"
             )
-        unknown = [p for p in self.provider_order if p not in KNOWN_PROVIDERS]
-        if unknown:
-            raise ConfigError(f"PROVIDER_ORDER names unknown providers {unknown}; known: {', '.join(KNOWN_PROVIDERS)}")
-        if self.cold_start_policy not in COLD_START_POLICIES:
-            raise ConfigError(
-                f"COLD_START_POLICY must be one of {', '.join(COLD_START_POLICIES)}, got {self.cold_start_policy!r}"
+        if self.retry_initial_delay_s > self.retry_max_delay_s:
+            problems.append(
+                f"RETRY_INITIAL_DELAY_S ({self.retry_initial_delay_s}) exceeds "
+                f"RETRY_MAX_DELAY_S ({self.retry_max_delay_s})"
             )
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
-            raise ConfigError("TLS_CERT_FILE and TLS_KEY_FILE must be set together")
+            problems.append("TLS_CERT_FILE and TLS_KEY_FILE must be set together")
         if self.tls_client_ca_file and not self.tls_cert_file:
-            raise ConfigError("TLS_CLIENT_CA_FILE (mutual TLS) needs TLS_CERT_FILE and TLS_KEY_FILE")
-        if ":" not in self.grpc_listen_address:
-            raise ConfigError(f"GRPC_LISTEN_ADDRESS must be host:port, got {self.grpc_listen_address!r}")
+            problems.append("TLS_CLIENT_CA_FILE (mutual TLS) needs TLS_CERT_FILE and TLS_KEY_FILE")
+        if len(set(self.provider_order)) != len(self.provider_order):
+            problems.append(f"PROVIDER_ORDER names a provider twice: {','.join(self.provider_order)}")
+        if problems:
+            raise ConfigError("\n".join(problems))
 
     def secrets(self) -> list[str]:
         """Every secret value configured, so logs and outputs can be checked against them."""
-        values = [
-            self.modal_token_secret,
-            self.modal_token_id,
-            self.modal_proxy_token_secret,
-            self.modal_proxy_token_id,
-            self.modal_vllm_api_key,
-            self.vastai_api_key,
-            self.anthropic_api_key,
-        ]
+        values = [getattr(self, name) for name in SECRET_FIELDS if name not in ("inference_api_keys", "admin_api_keys")]
         for pairs in (self.inference_api_keys, self.admin_api_keys):
             for item in pairs.split(","):
                 if item.strip():
@@ -167,40 +218,28 @@ class Settings:
         return [v for v in values if v]
 
 
-def _parse_bool(var: str, raw: str) -> bool:
-    low = raw.lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{var} must be true or false, got {raw!r}")
+SECRET_FIELDS = frozenset(name for name, f in Settings.model_fields.items() if f.repr is False)
 
 
-def _parse_number(kind: Callable[[str], T], label: str) -> Callable[[str, str], T]:
-    def parse(var: str, raw: str) -> T:
-        try:
-            return kind(raw)
-        except ValueError:
-            raise ConfigError(f"{var} must be {label}, got {raw!r}") from None
-
-    return parse
-
-
-def _parse_tuple(var: str, raw: str) -> tuple[str, ...]:
-    return tuple(p.strip().lower() for p in raw.split(",") if p.strip())
-
-
-_PARSERS: dict[str, Callable[[str, str], Any]] = {
-    "str": lambda var, raw: raw,
-    "int": _parse_number(int, "an integer"),
-    "float": _parse_number(float, "a number"),
-    "bool": _parse_bool,
-    "tuple[str, ...]": _parse_tuple,
-}
-
-
-def _parse(var: str, raw: str, type_name: Any) -> Any:
-    return _PARSERS[str(type_name)](var, raw)
+def _describe(exc: ValidationError) -> list[str]:
+    """One line per bad variable: ``VAR='value': what is accepted``."""
+    lines: dict[str, str] = {}
+    for error in exc.errors(include_url=False):
+        name = str(error["loc"][0]) if error["loc"] else ""
+        var = name.upper()
+        if error["type"] == "extra_forbidden":
+            lines[var] = f"{var}: not a setting"
+            continue
+        value = "<secret>" if name in SECRET_FIELDS else repr(error.get("input"))
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "literal_error" and name == "provider_order":
+            message = f"unknown provider in the list; known: {', '.join(KNOWN_PROVIDERS)}"
+        if error["type"] in ("finite_number",) or (
+            isinstance(error.get("input"), float) and not math.isfinite(error["input"])
+        ):
+            message = "must be a finite number"
+        lines.setdefault(var, f"{var}={value}: {message}")
+    return list(lines.values())
 
 
 ENV_DOCS: list[tuple[str, str, str]] = [
@@ -235,6 +274,7 @@ ENV_DOCS: list[tuple[str, str, str]] = [
     ("MAX_REQUEST_BYTES", "1048576", "largest request message (grpc.max_receive_message_length)"),
     ("HEALTH_CHECK_INTERVAL_S", "60", "seconds between provider health checks"),
     ("HEALTH_CHECK_TIMEOUT_S", "5", "timeout of one health probe"),
+    ("HEALTH_FAILURE_THRESHOLD", "2", "consecutive failed probes before a provider counts as unhealthy"),
     ("REQUEST_TIMEOUT_S", "120", "upper bound of one upstream attempt (keep under 150 s with Modal)"),
     ("CONNECT_TIMEOUT_S", "3", "TCP/TLS connect timeout to an upstream"),
     ("TTFT_TIMEOUT_S", "20", "per attempt: time allowed until the first token"),
@@ -255,7 +295,7 @@ ENV_DOCS: list[tuple[str, str, str]] = [
     ("COLD_START_TIMEOUT_S", "600", "how long a wake-up keeps polling a cold provider"),
     ("WAKE_POLL_INTERVAL_S", "2", "pause between wake-up health polls"),
     ("SHUTDOWN_GRACE_S", "10", "seconds in-flight calls get to finish on SIGTERM"),
-    ("LOG_LEVEL", "INFO", "Python log level"),
+    ("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
     ("LOG_CONTENT", "false", "log message content (never on by default)"),
     ("METRICS_PORT", "0", "Prometheus scrape port on the listen host; 0 = off"),
     ("INFERENCE_API_KEYS", "", "tenant:token pairs, comma separated; empty = auth off"),

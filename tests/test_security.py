@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -221,7 +220,7 @@ async def test_keys_from_a_file_with_comments(tmp_path: Path) -> None:
             "same token is configured for tenant 'a' and admin 'ops'",
         ),
         ({"inference_api_keys_file": "/nonexistent/keys.txt"}, "INFERENCE_API_KEYS_FILE=/nonexistent/keys.txt"),
-        ({"rate_limit_rpm": -1}, "RATE_LIMIT_RPM must not be negative"),
+        ({"rate_limit_rpm": -1}, "RATE_LIMIT_RPM=-1: Input should be greater than or equal to 0"),
     ],
 )
 def test_bad_key_configuration_is_a_clear_config_error(overrides: dict[str, Any], expected: str) -> None:
@@ -342,14 +341,14 @@ async def test_mutual_tls_requires_a_client_certificate(pki: Pki) -> None:
 @pytest.mark.parametrize("which", ["tls_cert_file", "tls_key_file", "tls_client_ca_file"])
 async def test_unreadable_tls_files_are_config_errors(pki: Pki, tmp_path: Path, which: str) -> None:
     settings = tls_settings(pki, tls_client_ca_file=str(pki.ca_file))
-    missing = dataclasses.replace(settings, **{which: str(tmp_path / "missing.pem")})
+    missing = settings.replace(**{which: str(tmp_path / "missing.pem")})
     provider = CannedProvider()
     with pytest.raises(ConfigError, match=f"{which.upper()}=.*cannot be read"):
         await Gateway(missing, [provider]).start()
     not_pem = tmp_path / "not.pem"
     not_pem.write_text("hello")
     with pytest.raises(ConfigError, match="is not a PEM file"):
-        await Gateway(dataclasses.replace(settings, **{which: str(not_pem)}), [provider]).start()
+        await Gateway(settings.replace(**{which: str(not_pem)}), [provider]).start()
 
 
 async def test_container_health_check_speaks_tls_and_mtls(pki: Pki) -> None:

@@ -75,7 +75,7 @@ FACTORIES: dict[str, Factory] = {
 def plan_chain(settings: Settings) -> list[tuple[str, str]]:
     """Returns [(provider, why it is in the chain)] without building anything."""
     if settings.provider_order:
-        chain = []
+        chain: list[tuple[str, str]] = []
         for name in settings.provider_order:
             factory = FACTORIES[name]
             if not factory.configured(settings):
