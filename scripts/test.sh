@@ -11,17 +11,8 @@ python scripts/gen_protos.py --check
 
 echo "== buf lint"
 buf lint
-# Breaking-change check against the previous commit (or HEAD when the proto has local edits).
-against=""
-if ! git diff --quiet HEAD -- protos 2>/dev/null; then
-  against="HEAD"
-elif git cat-file -e HEAD~1:protos/inference/v1/inference.proto 2>/dev/null; then
-  against="HEAD~1"
-fi
-if [ -n "$against" ]; then
-  echo "== buf breaking against $against"
-  buf breaking --against ".git#ref=$against"
-fi
+# Breaking changes against main (the merge base); says so, and why, when it cannot compare.
+bash scripts/buf_breaking.sh
 
 echo "== ruff"
 ruff check service clients modal_vllm tests bench scripts
