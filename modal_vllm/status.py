@@ -1,52 +1,68 @@
 """Where the Modal vLLM endpoint is, and whether it is up, warm and serving the expected model.
 
-The gateway's Health RPC and ``python -m modal_vllm status`` both use this module:
+The gateway's Modal provider and ``python -m modal_vllm status`` both use this module:
 
 * :func:`resolve_endpoint` finds the base URL: ``MODAL_WEB_URL`` when set, else a lookup of the
-  deployed function through the Modal SDK when ``MODAL_TOKEN_ID``/``MODAL_TOKEN_SECRET`` are set.
-  The SDK lookup blocks and, without network, retries for about a minute, so it runs in a daemon
-  thread under a timeout; :func:`resolve_endpoint_async` does the same without blocking the loop.
+  deployed function through Modal's API when ``MODAL_TOKEN_ID``/``MODAL_TOKEN_SECRET`` are set
+  (:mod:`modal_vllm.sdk`); :func:`resolve_endpoint_async` does the same without blocking the loop.
 * :func:`probe_endpoint` asks vLLM's ``GET /health`` and ``GET /v1/models`` and turns every way
   they fail into an :class:`EndpointStatus` with an actionable ``error``.
+* :func:`cold_status` is the status of an endpoint Modal reports at zero containers, built
+  without sending it anything.
 * :func:`proxy_auth_headers` builds the headers Modal's proxy auth and vLLM's API key need.
 
 Any HTTP request, ``/health`` included, wakes a scaled-to-zero container and resets its idle
-timer, so every probe can cost GPU time: callers should probe only while they believe the
-endpoint is warm. Header values are secrets; they never appear in errors or reprs.
+timer, so a probe can cost GPU time: ask Modal's API first (:func:`modal_vllm.sdk.read_stats`)
+and probe only when a container is already running. "Cold" is said only when Modal says so: a
+refused connection is a wrong URL (Modal's proxy accepts connections even at zero containers).
+Header values are secrets; they never appear in errors or reprs.
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 
+from modal_vllm.sdk import (
+    DEFAULT_API_TIMEOUT_S,
+    DEPLOY_HINT,
+    EndpointLookupError,
+    FunctionStats,
+    WebUrlLookup,
+    modal_sdk_web_url,
+    run_in_daemon_thread,
+    run_in_daemon_thread_async,
+    scrub,
+    tokens_configured,
+)
 from modal_vllm.settings import APP_NAME, FUNCTION_NAME
 
-T = TypeVar("T")
+__all__ = [
+    "DEFAULT_LOOKUP_TIMEOUT_S",
+    "DEFAULT_PROBE_TIMEOUT_S",
+    "WARM_HEALTH_LATENCY_S",
+    "EndpointLookupError",
+    "EndpointStatus",
+    "ResolvedEndpoint",
+    "cold_status",
+    "probe_endpoint",
+    "proxy_auth_headers",
+    "resolve_endpoint",
+    "resolve_endpoint_async",
+]
 
 DEFAULT_PROBE_TIMEOUT_S = 10.0
-"""Per-request timeout of a probe; a cold start takes far longer, so a timeout means cold."""
+"""Per-request timeout of a probe; a cold start takes far longer than this."""
 
 WARM_HEALTH_LATENCY_S = 5.0
-"""A /health answer slower than this was held by Modal's proxy while a container booted."""
+"""A healthy answer slower than this was held by Modal's proxy while a container booted."""
 
-DEFAULT_LOOKUP_TIMEOUT_S = 20.0
+DEFAULT_LOOKUP_TIMEOUT_S = DEFAULT_API_TIMEOUT_S
 """Bound on the SDK URL lookup, which otherwise retries for about a minute without network."""
-
-DEPLOY_HINT = "deploy with `modal deploy modal_vllm/deployment.py` (see docs/modal.md)"
-
-WebUrlLookup = Callable[[str, str, Mapping[str, str]], str | None]
-"""(app name, function name, env) -> the deployed function's web URL, or None if it has none."""
-
-
-class EndpointLookupError(RuntimeError):
-    """The Modal endpoint is configured through tokens, but its URL could not be looked up."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,29 +80,49 @@ class ResolvedEndpoint:
 
 @dataclass(slots=True)
 class EndpointStatus:
-    """The outcome of one probe of the endpoint.
+    """What is known about the endpoint: Modal's container count and/or one probe.
 
     Attributes:
-        url: Base URL probed.
-        healthy: ``GET /health`` answered 200.
-        warm: Healthy, and answered within ``WARM_HEALTH_LATENCY_S``, so no cold start happened.
-        served_models: Model ids from ``GET /v1/models`` (vLLM's ``--served-model-name``).
+        url: Base URL.
         expected_model: The model the gateway will ask for (``MODAL_MODEL``).
+        containers: Running containers as Modal's API reports them; None when not read.
+        backlog: Requests queued at Modal; None when not read.
+        probed: An HTTP request was sent to the endpoint (which may have woken it).
+        healthy: ``GET /health`` answered 200.
+        served_models: Model ids from ``GET /v1/models`` (vLLM's ``--served-model-name``).
         model_matches: ``expected_model`` is among ``served_models`` (true when none expected).
         probe_latency_s: Round-trip time of ``GET /health`` in seconds.
         http_status: Status of the last HTTP answer, None when none came.
+        woke_it: The healthy answer was so slow that Modal must have booted a container for it.
         error: What is wrong and what to do about it; empty when all is fine.
     """
 
     url: str
-    healthy: bool = False
-    warm: bool = False
-    served_models: list[str] = field(default_factory=list)
     expected_model: str = ""
+    containers: int | None = None
+    backlog: int | None = None
+    probed: bool = False
+    healthy: bool = False
+    served_models: list[str] = field(default_factory=list)
     model_matches: bool = False
     probe_latency_s: float = 0.0
     http_status: int | None = None
+    woke_it: bool = False
     error: str = ""
+
+    @property
+    def state(self) -> str:
+        """``cold`` only when Modal reports zero containers; ``warm`` when a container answered
+        (or Modal counts one and it answered); ``starting`` when Modal counts a container that
+        is not healthy yet; ``unknown`` otherwise (no container count and no healthy answer)."""
+        if self.containers == 0:
+            return "cold"
+        if self.healthy:
+            return "warm"
+        if self.containers:
+            answered = self.http_status is not None and self.http_status != 503
+            return "warm" if answered else "starting"
+        return "unknown"
 
     @property
     def ok(self) -> bool:
@@ -95,21 +131,44 @@ class EndpointStatus:
 
     @property
     def message(self) -> str:
-        """One line for humans: the error, the model mismatch, or that all is fine."""
+        """One line for humans: the error, the model mismatch, the cold state, or all fine."""
         if self.error:
             return self.error
+        if self.state == "cold" and not self.probed:
+            return (
+                f"{self.url} is cold: Modal reports 0 running containers (nothing is billed; the "
+                "next request starts one and waits for its cold start)"
+            )
         if not self.model_matches:
             return (
                 f"MODAL_MODEL={self.expected_model!r} is not served by {self.url}; the endpoint "
                 f"serves: {self.served_models!r}. Set MODAL_MODEL to one of them or redeploy "
                 f"with MODAL_MODEL={self.expected_model}."
             )
-        temperature = "warm" if self.warm else "cold (it just started)"
-        return f"{self.url} is healthy and {temperature}, serving {self.served_models!r}."
+        woke = (
+            f" (it took {self.probe_latency_s:.1f} s: this probe probably started a container)" if self.woke_it else ""
+        )
+        return f"{self.url} is healthy, serving {self.served_models!r}{woke}."
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields plus ``ok`` and ``message``, ready for ``json.dumps``."""
-        return {**asdict(self), "ok": self.ok, "message": self.message}
+        """The fields plus ``state``, ``ok`` and ``message``, ready for ``json.dumps``."""
+        return {**asdict(self), "state": self.state, "ok": self.ok, "message": self.message}
+
+
+def cold_status(url: str, expected_model: str, stats: FunctionStats) -> EndpointStatus:
+    """The status of an endpoint Modal reports at zero containers, without probing it.
+
+    Args:
+        url: Base URL.
+        expected_model: ``MODAL_MODEL``.
+        stats: Modal's answer; ``running_containers`` should be 0.
+
+    Returns:
+        A status whose ``state`` is ``cold`` and ``ok`` is False.
+    """
+    return EndpointStatus(
+        url=url.rstrip("/"), expected_model=expected_model, containers=stats.running_containers, backlog=stats.backlog
+    )
 
 
 def proxy_auth_headers(env: Mapping[str, str]) -> dict[str, str]:
@@ -157,11 +216,11 @@ def resolve_endpoint(
         EndpointLookupError: Only one token is set, or the SDK lookup failed or timed out.
     """
     direct = _from_web_url(env)
-    if direct is not None or not _tokens_configured(env):
+    if direct is not None or not tokens_configured(env):
         return direct
     call = _lookup_call(env, lookup)
     try:
-        url = _run_in_daemon_thread(call, lookup_timeout_s)
+        url = run_in_daemon_thread(call, lookup_timeout_s)
     except Exception as exc:
         raise _lookup_error(exc, env) from None
     return _from_looked_up(url)
@@ -179,11 +238,11 @@ async def resolve_endpoint_async(
     stuck on an unreachable Modal never delays the process's shutdown.
     """
     direct = _from_web_url(env)
-    if direct is not None or not _tokens_configured(env):
+    if direct is not None or not tokens_configured(env):
         return direct
     call = _lookup_call(env, lookup)
     try:
-        url = await _run_in_daemon_thread_async(call, lookup_timeout_s)
+        url = await run_in_daemon_thread_async(call, lookup_timeout_s)
     except Exception as exc:
         raise _lookup_error(exc, env) from None
     return _from_looked_up(url)
@@ -223,7 +282,7 @@ async def probe_endpoint(
     finally:
         if own_client:
             await http.aclose()
-    status.error = _scrub(status.error, secrets)
+    status.error = scrub(status.error, secrets)
     return status
 
 
@@ -236,18 +295,22 @@ async def _probe(
 ) -> None:
     url = status.url
     started = time.monotonic()
+    status.probed = True
     try:
         health = await http.get(f"{url}/health", headers=headers, timeout=timeout_s)
-    except httpx.ConnectError:
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        # Modal's proxy accepts connections even at zero containers (it holds the request while
+        # one boots), so failing to connect at all is never a cold start.
         status.error = (
-            f"{url} is not listening (connection refused): the container is cold or the vLLM "
-            "engine is still starting; requests will wait for a cold start"
+            f"cannot connect to {url} ({type(exc).__name__}: {str(exc) or 'refused'}): nothing is "
+            "listening there, which is not how a cold Modal app behaves; check MODAL_WEB_URL "
+            f"(`modal app list` shows deployed apps) or {DEPLOY_HINT}"
         )
         return
     except httpx.TimeoutException:
         status.error = (
-            f"{url}/health gave no answer within {timeout_s:g} s: the container is cold-starting "
-            "(Modal holds requests while it boots and loads the model) or overloaded"
+            f"{url}/health gave no answer within {timeout_s:g} s: Modal holds requests while a "
+            "container boots and loads the model, so it may be starting; or it is overloaded"
         )
         return
     except httpx.HTTPError as exc:
@@ -259,7 +322,7 @@ async def _probe(
         status.error = _health_error(url, health.status_code, headers)
         return
     status.healthy = True
-    status.warm = status.probe_latency_s <= warm_latency_s
+    status.woke_it = status.probe_latency_s > warm_latency_s
 
     try:
         models = await http.get(f"{url}/v1/models", headers=headers, timeout=timeout_s)
@@ -311,13 +374,6 @@ def _model_ids(body: Any) -> list[str]:
     return [model_id for model_id in ids if isinstance(model_id, str)]
 
 
-def _scrub(text: str, secrets: list[str]) -> str:
-    # Belt and braces: no message we build includes headers, but exception texts are not ours.
-    for secret in filter(None, secrets):  # replacing "" would splice *** between every char
-        text = text.replace(secret, "***")
-    return text
-
-
 def _from_web_url(env: Mapping[str, str]) -> ResolvedEndpoint | None:
     raw = env.get("MODAL_WEB_URL", "").strip()
     if not raw:
@@ -327,37 +383,9 @@ def _from_web_url(env: Mapping[str, str]) -> ResolvedEndpoint | None:
     return ResolvedEndpoint(url=raw.rstrip("/"), source="MODAL_WEB_URL")
 
 
-def _tokens_configured(env: Mapping[str, str]) -> bool:
-    has_id = bool(env.get("MODAL_TOKEN_ID", "").strip())
-    has_secret = bool(env.get("MODAL_TOKEN_SECRET", "").strip())
-    if has_id != has_secret:
-        missing = "MODAL_TOKEN_SECRET" if has_id else "MODAL_TOKEN_ID"
-        raise EndpointLookupError(
-            f"{missing} is not set: MODAL_TOKEN_ID and MODAL_TOKEN_SECRET are needed together to "
-            f"look up Modal app {APP_NAME!r}; or set MODAL_WEB_URL instead"
-        )
-    return has_id
-
-
 def _lookup_call(env: Mapping[str, str], lookup: WebUrlLookup | None) -> Callable[[], str | None]:
-    chosen, frozen_env = lookup or _modal_sdk_lookup, dict(env)
+    chosen, frozen_env = lookup or modal_sdk_web_url, dict(env)
     return lambda: chosen(APP_NAME, FUNCTION_NAME, frozen_env)
-
-
-def _modal_sdk_lookup(app_name: str, function_name: str, env: Mapping[str, str]) -> str | None:
-    # Imported here: modal costs ~0.3 s to import and most callers set MODAL_WEB_URL.
-    import modal
-
-    # An explicit client uses the tokens in `env`, which need not be os.environ.
-    with modal.Client.from_credentials(env["MODAL_TOKEN_ID"], env["MODAL_TOKEN_SECRET"]) as client:
-        function = modal.Function.from_name(
-            app_name,
-            function_name,
-            environment_name=env.get("MODAL_ENVIRONMENT") or None,
-            client=client,
-        )
-        url: str | None = function.get_web_url()
-        return url
 
 
 def _from_looked_up(url: str | None) -> ResolvedEndpoint:
@@ -369,63 +397,9 @@ def _from_looked_up(url: str | None) -> ResolvedEndpoint:
 
 
 def _lookup_error(exc: Exception, env: Mapping[str, str]) -> EndpointLookupError:
-    detail = _scrub(f"{type(exc).__name__}: {exc}", [env.get("MODAL_TOKEN_SECRET", "")])
+    detail = scrub(f"{type(exc).__name__}: {exc}", [env.get("MODAL_TOKEN_SECRET", "")])
     return EndpointLookupError(
         f"Could not look up the web URL of Modal app {APP_NAME!r} function {FUNCTION_NAME!r} "
         f"with MODAL_TOKEN_ID/MODAL_TOKEN_SECRET ({detail}); check the tokens and that the app "
         f"is deployed; {DEPLOY_HINT}; or set MODAL_WEB_URL to skip the lookup"
     )
-
-
-def _run_in_daemon_thread(call: Callable[[], T], timeout_s: float) -> T:
-    # A daemon thread, not an executor: executors join their threads at exit, and a lookup
-    # stuck retrying an unreachable Modal would hold the process for a minute.
-    outcome: list[tuple[bool, Any]] = []
-    done = threading.Event()
-
-    def target() -> None:
-        try:
-            outcome.append((True, call()))
-        except BaseException as exc:
-            outcome.append((False, exc))
-        finally:
-            done.set()
-
-    threading.Thread(target=target, name="modal-url-lookup", daemon=True).start()
-    if not done.wait(timeout_s):
-        raise TimeoutError(f"no answer from Modal within {timeout_s:g} s")
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    result: T = value
-    return result
-
-
-async def _run_in_daemon_thread_async(call: Callable[[], T], timeout_s: float) -> T:
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def deliver(ok: bool, value: Any) -> None:
-        if future.done():  # the waiter timed out or was cancelled
-            return
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
-
-    def target() -> None:
-        value: Any
-        try:
-            ok, value = True, call()
-        except BaseException as exc:
-            ok, value = False, exc
-        try:
-            loop.call_soon_threadsafe(deliver, ok, value)
-        except RuntimeError:
-            pass  # the loop closed while we waited: nobody wants the answer
-
-    threading.Thread(target=target, name="modal-url-lookup", daemon=True).start()
-    try:
-        return await asyncio.wait_for(future, timeout_s)
-    except TimeoutError:
-        raise TimeoutError(f"no answer from Modal within {timeout_s:g} s") from None

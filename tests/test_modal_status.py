@@ -14,13 +14,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from modal_vllm.__main__ import main as modal_main
+from modal_vllm.sdk import FunctionStats, ModalApiError, read_stats
 from modal_vllm.status import (
     EndpointLookupError,
     probe_endpoint,
@@ -104,7 +106,8 @@ def _free_port() -> int:
 async def test_healthy_endpoint_is_warm_and_matches(stand_in: StandIn) -> None:
     status = await probe_endpoint(stand_in.url + "/", MODEL)
 
-    assert status.healthy and status.warm and status.model_matches and status.ok
+    assert status.healthy and status.model_matches and status.ok
+    assert status.state == "warm" and not status.woke_it
     assert status.served_models == [MODEL]
     assert status.http_status == 200
     assert status.error == ""
@@ -112,14 +115,16 @@ async def test_healthy_endpoint_is_warm_and_matches(stand_in: StandIn) -> None:
     assert 0 < status.probe_latency_s < 5
 
 
-async def test_cold_start_sequence_refused_then_503_then_healthy() -> None:
+async def test_refused_then_503_then_healthy() -> None:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
 
+    # Modal's proxy accepts connections even at zero containers: refused means a wrong URL.
     refused = await probe_endpoint(url, MODEL, timeout_s=2)
-    assert not refused.healthy and not refused.warm
-    assert refused.http_status is None
-    assert "not listening" in refused.error and "cold" in refused.error
+    assert not refused.healthy and refused.http_status is None
+    assert refused.state == "unknown"
+    assert "cannot connect" in refused.error and "check MODAL_WEB_URL" in refused.error
+    assert "cold" not in refused.error.replace("not how a cold Modal app behaves", "")
 
     server = StandIn(port)
     try:
@@ -131,21 +136,22 @@ async def test_cold_start_sequence_refused_then_503_then_healthy() -> None:
 
         server.behaviour.health_status = 200
         ready = await probe_endpoint(url, MODEL, timeout_s=2)
-        assert ready.ok and ready.warm
+        assert ready.ok and ready.state == "warm"
     finally:
         server.stop()
 
 
-async def test_slow_health_means_cold_start_in_progress(stand_in: StandIn) -> None:
+async def test_slow_health_is_not_called_cold(stand_in: StandIn) -> None:
     stand_in.behaviour.health_delay_s = 0.5
 
     timed_out = await probe_endpoint(stand_in.url, MODEL, timeout_s=0.1)
-    assert not timed_out.healthy and not timed_out.warm
-    assert "cold-starting" in timed_out.error
+    assert not timed_out.healthy and timed_out.state == "unknown"  # no container count: not "cold"
+    assert "may be starting" in timed_out.error
 
     # Answered, but slowly enough that Modal must have booted a container for it.
     slow = await probe_endpoint(stand_in.url, MODEL, timeout_s=2, warm_latency_s=0.2)
-    assert slow.healthy and not slow.warm and slow.ok
+    assert slow.healthy and slow.woke_it and slow.ok and slow.state == "warm"
+    assert "this probe probably started a container" in slow.message
 
 
 async def test_model_mismatch_names_modal_model_and_served_ids(stand_in: StandIn) -> None:
@@ -338,3 +344,104 @@ def test_cli_cost_prints_budget_table() -> None:
 
     assert result.returncode == 0
     assert "| L4 | 0.80 | 37.5 |" in result.stdout
+
+
+# --- status with Modal's container count (in-process, Modal's API replaced by a fake) --------
+
+
+def _stats(containers: int, calls: list[str] | None = None) -> Callable[[str, str, Mapping[str, str]], FunctionStats]:
+    def source(app: str, function: str, env: Mapping[str, str]) -> FunctionStats:
+        if calls is not None:
+            calls.append(env["MODAL_TOKEN_ID"])
+        return FunctionStats(running_containers=containers, backlog=0)
+
+    return source
+
+
+TOKEN_ENV = {"MODAL_TOKEN_ID": "ak-1", "MODAL_TOKEN_SECRET": SECRET}
+
+
+def test_status_at_zero_containers_is_cold_and_sends_nothing(
+    stand_in: StandIn, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls: list[str] = []
+    code = modal_main(["status"], {"MODAL_WEB_URL": stand_in.url, **TOKEN_ENV}, stats_source=_stats(0, calls))
+
+    out = capsys.readouterr().out
+    assert code == 3 and calls == ["ak-1"]
+    assert stand_in.behaviour.requests == []
+    assert "state: cold" in out and "Modal reports 0 running containers" in out and "--wake" in out
+
+
+def test_status_json_cold(stand_in: StandIn, capsys: pytest.CaptureFixture[str]) -> None:
+    code = modal_main(["status", "--json"], {"MODAL_WEB_URL": stand_in.url, **TOKEN_ENV}, stats_source=_stats(0))
+
+    report = json.loads(capsys.readouterr().out)
+    assert code == 3 and report["state"] == "cold" and report["containers"] == 0 and report["probed"] is False
+    assert stand_in.behaviour.requests == []
+
+
+def test_status_wake_probes_despite_zero_containers(stand_in: StandIn, capsys: pytest.CaptureFixture[str]) -> None:
+    env = {"MODAL_WEB_URL": stand_in.url, **TOKEN_ENV}
+    code = modal_main(["status", "--wake"], env, stats_source=_stats(0))
+
+    assert code == 0 and stand_in.behaviour.requests == ["/health", "/v1/models"]
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_status_with_a_running_container_probes_without_warning(
+    stand_in: StandIn, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = modal_main(["status"], {"MODAL_WEB_URL": stand_in.url, **TOKEN_ENV}, stats_source=_stats(1))
+
+    captured = capsys.readouterr()
+    assert code == 0 and captured.err == ""
+    assert "state: warm" in captured.out and "containers: 1" in captured.out
+    assert stand_in.behaviour.requests == ["/health", "/v1/models"]
+
+
+def test_status_without_tokens_warns_before_the_probe(stand_in: StandIn, capsys: pytest.CaptureFixture[str]) -> None:
+    def source(app: str, function: str, env: Mapping[str, str]) -> FunctionStats:
+        raise AssertionError("no token: Modal's API must not be asked")
+
+    code = modal_main(["status"], {"MODAL_WEB_URL": stand_in.url}, stats_source=source)
+
+    captured = capsys.readouterr()
+    assert code == 0
+    assert captured.err.startswith("warning: no Modal API token")
+    assert "starts a GPU container" in captured.err and "MODAL_TOKEN_ID" in captured.err
+    assert "containers: unknown" in captured.out
+
+
+def test_status_with_unreadable_stats_warns_and_names_no_secret(
+    stand_in: StandIn, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def source(app: str, function: str, env: Mapping[str, str]) -> FunctionStats:
+        raise PermissionError(f"token {env['MODAL_TOKEN_SECRET']} refused")
+
+    code = modal_main(["status"], {"MODAL_WEB_URL": stand_in.url, **TOKEN_ENV}, stats_source=source)
+
+    captured = capsys.readouterr()
+    assert code == 0 and "could not read the container count" in captured.err
+    assert SECRET not in captured.err + captured.out
+
+
+def test_status_refused_connection_is_a_wrong_url_not_cold(capsys: pytest.CaptureFixture[str]) -> None:
+    code = modal_main(["status", "--timeout", "2"], {"MODAL_WEB_URL": f"http://127.0.0.1:{_free_port()}"})
+
+    out = capsys.readouterr().out
+    assert code == 1 and "state: unknown" in out and "check MODAL_WEB_URL" in out
+    assert "state: cold" not in out
+
+
+def test_read_stats_needs_tokens_and_times_out() -> None:
+    with pytest.raises(ModalApiError, match="MODAL_TOKEN_ID and MODAL_TOKEN_SECRET are not set"):
+        read_stats({})
+
+    def hang(app: str, function: str, env: Mapping[str, str]) -> FunctionStats:
+        time.sleep(5)
+        return FunctionStats(1, 0)
+
+    with pytest.raises(ModalApiError, match=r"within 0\.2 s"):
+        read_stats(TOKEN_ENV, source=hang, timeout_s=0.2)
+    assert read_stats(TOKEN_ENV, source=_stats(2)) == FunctionStats(running_containers=2, backlog=0)

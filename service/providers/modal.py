@@ -3,8 +3,16 @@
 How it differs from plain OpenAI/vLLM:
 
 * It scales to zero. A cold replica takes 10-30 s (longer on the first model download); any
-  request, ``/health`` included, starts one and resets its idle timer. The router treats it as
-  ``scale_to_zero`` (warmth, wake-ups, probes only while warm).
+  request, ``/health`` included, starts one, bills the GPU and resets its idle timer. So when a
+  Modal API token is set (``MODAL_TOKEN_ID``/``MODAL_TOKEN_SECRET``), health checks first ask
+  Modal's API how many containers run (:mod:`modal_vllm.sdk`, which wakes nothing) and probe
+  ``/health`` only when one does; at zero the report says "cold (0 containers)" and is not
+  ``reachable``, which the router reads as cold, not broken. Only :meth:`ModalProvider.wake`
+  sends the request that starts a container. Without a token nothing can be known without a
+  probe, and the router probes only while traffic keeps Modal warm anyway.
+* Startup validation follows ``MODAL_VALIDATE_ON_START``: ``stats`` (the default with a token)
+  reads the container count, ``probe`` asks ``/health`` (and wakes it), ``off`` (the default
+  without a token) asks nothing and starts out cold.
 * Proxy auth: with ``requires_proxy_auth`` every request needs ``Modal-Key``/``Modal-Secret``
   headers (``MODAL_PROXY_TOKEN_ID``/``MODAL_PROXY_TOKEN_SECRET``), else 401.
 * The URL is permanent; when ``MODAL_WEB_URL`` is unset but a Modal API token is, it is looked up
@@ -17,13 +25,23 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from typing import Literal
 
+from modal_vllm.sdk import ModalApiError, StatsSource, read_stats_async
+from modal_vllm.status import EndpointStatus, probe_endpoint, resolve_endpoint_async
 from service.config import Settings
 from service.errors import ConfigError
 from service.providers.base import HealthReport
 from service.providers.openai_compat import OpenAICompatConfig, OpenAICompatProvider
 
 log = logging.getLogger(__name__)
+
+ValidateMode = Literal["stats", "probe", "off"]
+VALIDATE_MODES: tuple[ValidateMode, ...] = ("stats", "probe", "off")
+
+COLD_REASON = "cold (0 containers)"
+"""How a health report starts when Modal's API counts no running container."""
 
 
 def modal_headers(settings: Settings) -> dict[str, str]:
@@ -37,11 +55,45 @@ def modal_headers(settings: Settings) -> dict[str, str]:
     return headers
 
 
+def validate_mode(settings: Settings) -> ValidateMode:
+    """``MODAL_VALIDATE_ON_START``, defaulting to ``stats`` with a Modal API token, else ``off``."""
+    has_tokens = bool(settings.modal_token_id and settings.modal_token_secret)
+    # Read defensively until service/config.py declares the setting.
+    configured = str(getattr(settings, "modal_validate_on_start", "") or "").strip().lower()
+    if not configured:
+        return "stats" if has_tokens else "off"
+    if configured not in VALIDATE_MODES:
+        raise ConfigError(f"MODAL_VALIDATE_ON_START must be one of {', '.join(VALIDATE_MODES)}, got {configured!r}")
+    if configured == "stats" and not has_tokens:
+        raise ConfigError(
+            "MODAL_VALIDATE_ON_START=stats reads Modal's container count, which needs MODAL_TOKEN_ID and "
+            "MODAL_TOKEN_SECRET; set them, or choose probe (wakes the GPU) or off"
+        )
+    return configured
+
+
 class ModalProvider(OpenAICompatProvider):
     """vLLM on Modal."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        stats_source: StatsSource | None = None,
+        validate_on_start: ValidateMode | None = None,
+    ) -> None:
+        """Builds the provider; nothing is sent anywhere until :meth:`start`.
+
+        Args:
+            settings: The gateway settings.
+            stats_source: Replaces the Modal SDK's container count (tests inject a fake).
+            validate_on_start: Overrides ``MODAL_VALIDATE_ON_START``.
+        """
         self._settings = settings
+        self._stats_source = stats_source
+        self._has_tokens = bool(settings.modal_token_id and settings.modal_token_secret)
+        self.validate_on_start: ValidateMode = validate_on_start or validate_mode(settings)
+        self._startup_check_pending = True
         super().__init__(
             OpenAICompatConfig(
                 name="modal",
@@ -55,45 +107,98 @@ class ModalProvider(OpenAICompatProvider):
             )
         )
 
-    async def start(self) -> None:
-        """Resolves the URL through the modal SDK when only a token is configured."""
-        if not self._settings.modal_web_url:
-            from modal_vllm.status import resolve_endpoint_async
+    def _modal_env(self) -> dict[str, str]:
+        env = {key: value for key, value in os.environ.items() if key == "MODAL_ENVIRONMENT"}
+        env["MODAL_TOKEN_ID"] = self._settings.modal_token_id
+        env["MODAL_TOKEN_SECRET"] = self._settings.modal_token_secret
+        return env
 
-            env = dict(os.environ)
-            env.update(
-                {
-                    "MODAL_TOKEN_ID": self._settings.modal_token_id,
-                    "MODAL_TOKEN_SECRET": self._settings.modal_token_secret,
-                }
-            )
+    async def start(self) -> None:
+        """Resolves the URL through Modal's API when only a token is configured.
+
+        Raises:
+            ConfigError: The lookup failed; the message says what to set or check.
+        """
+        if not self._settings.modal_web_url:
             try:
-                resolved = await resolve_endpoint_async(env)
+                resolved = await resolve_endpoint_async(self._modal_env())
             except Exception as exc:
-                raise ConfigError(f"could not look up the Modal endpoint: {exc}; set MODAL_WEB_URL") from exc
+                raise ConfigError(
+                    f"Modal endpoint lookup failed: {exc}. To fix: set MODAL_WEB_URL to the URL "
+                    "`modal deploy modal_vllm/deployment.py` printed (`python -m modal_vllm status` checks it)"
+                ) from exc
             if resolved is None:
-                raise ConfigError("MODAL_WEB_URL is unset and the Modal lookup found nothing")
+                raise ConfigError(
+                    "Modal is configured without an endpoint: set MODAL_WEB_URL, or MODAL_TOKEN_ID and "
+                    "MODAL_TOKEN_SECRET to look it up"
+                )
             self.endpoint = resolved.url.rstrip("/")
             log.info("resolved the Modal endpoint through the modal SDK: %s", self.endpoint)
         await super().start()
+        if self.validate_on_start == "probe":
+            log.warning("MODAL_VALIDATE_ON_START=probe: the startup check wakes a scaled-to-zero Modal GPU")
 
     async def check_health(self, timeout_s: float) -> HealthReport:
-        """The operator's status probe (``python -m modal_vllm status``), reused: /health,
-        /v1/models, and whether MODAL_MODEL is among the served models."""
-        from modal_vllm.status import probe_endpoint
+        """Health without waking: Modal's container count first (with a token), then a probe
+        only when a container runs. The first call, the router's startup check, follows
+        ``MODAL_VALIDATE_ON_START`` instead."""
+        if self._startup_check_pending:
+            self._startup_check_pending = False
+            if self.validate_on_start == "off":
+                return HealthReport(
+                    False,
+                    0.0,
+                    error="not checked at startup (MODAL_VALIDATE_ON_START=off): cold until traffic or a wake-up",
+                    reachable=False,
+                )
+            if self.validate_on_start == "probe":
+                return await self.wake(timeout_s)
+        if not self._has_tokens:
+            return await self.wake(timeout_s)
+        started = time.perf_counter()
+        try:
+            stats = await read_stats_async(self._modal_env(), source=self._stats_source, timeout_s=timeout_s)
+        except ModalApiError as exc:
+            # Falling back to a probe could start a GPU nobody asked for: report, and let a
+            # wake-up (which the router starts only for real traffic) send the request.
+            return HealthReport(
+                False,
+                time.perf_counter() - started,
+                error=f"container count unknown, not probed (a probe would wake it): {exc}",
+                reachable=False,
+            )
+        if stats.running_containers == 0:
+            backlog = f", {stats.backlog} queued" if stats.backlog else ""
+            return HealthReport(
+                False,
+                time.perf_counter() - started,
+                error=f"{COLD_REASON}{backlog}: Modal has scaled it to zero; the next request starts one",
+                reachable=False,
+            )
+        return await self.wake(timeout_s)
 
+    async def wake(self, timeout_s: float) -> HealthReport:
+        """Probes ``/health`` and ``/v1/models``: the request that starts a scaled-to-zero container.
+
+        Used for wake-ups, and for health checks once a container is known to run (a probe then
+        only resets its idle timer). Also checks that MODAL_MODEL is among the served models.
+        """
         status = await probe_endpoint(
             self.endpoint,
             self.default_model,
             headers=dict(self.config.headers),
             timeout_s=timeout_s,
         )
-        # Any answer below 500 means a replica (or Modal's auth proxy) is up: waiting will not help.
-        reachable = status.http_status is not None and status.http_status < 500
-        return HealthReport(
-            ok=status.ok,
-            latency_s=status.probe_latency_s,
-            served_models=list(status.served_models),
-            error="" if status.ok else status.message,
-            reachable=reachable,
-        )
+        return _report(status)
+
+
+def _report(status: EndpointStatus) -> HealthReport:
+    # Any answer below 500 means a replica (or Modal's auth proxy) is up: waiting will not help.
+    reachable = status.http_status is not None and status.http_status < 500
+    return HealthReport(
+        ok=status.ok,
+        latency_s=status.probe_latency_s,
+        served_models=list(status.served_models),
+        error="" if status.ok else status.message,
+        reachable=reachable,
+    )
