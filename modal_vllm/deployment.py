@@ -21,11 +21,13 @@ from typing import TYPE_CHECKING
 
 import modal
 
+from modal_vllm.launch import wait_until_listening
 from modal_vllm.settings import (
     APP_NAME,
     CUDA_IMAGE_TAG,
     HF_CACHE_PATH,
     HF_CACHE_VOLUME,
+    HF_TOKEN_ENV,
     PYTHON_VERSION,
     VLLM_API_KEY_ENV,
     VLLM_CACHE_PATH,
@@ -34,6 +36,7 @@ from modal_vllm.settings import (
     VLLM_VERSION,
     DeploymentSettings,
     vllm_serve_command,
+    vllm_serve_environment,
 )
 
 if TYPE_CHECKING:
@@ -42,10 +45,17 @@ if TYPE_CHECKING:
 # ## Pinned constants
 #
 # The knobs that change per deploy (model, GPU, scale-down window, concurrency, context length,
-# proxy auth, API key secret) are environment variables, read once here. The container
-# re-imports this module, and gets the same values because the function below passes them on.
+# proxy auth, secrets, FAST_BOOT, tool calling) are environment variables, read once here. The
+# container re-imports this module, and gets the same values because the function below passes
+# them on.
 
 settings = DeploymentSettings.from_env(os.environ)
+
+# Scale to zero means many cold starts, so boot time is what a user waits for: by default vLLM
+# runs eagerly (--enforce-eager: no torch.compile, no CUDA graph capture), as Modal's own vLLM
+# example offers. MODAL_FAST_BOOT=false compiles and captures graphs for the batch sizes this
+# container can see (faster tokens, slower boots).
+FAST_BOOT = settings.fast_boot
 
 MINUTES = 60  # seconds
 
@@ -93,14 +103,20 @@ volumes = {HF_CACHE_PATH: hf_cache_volume, VLLM_CACHE_PATH: vllm_cache_volume}
 
 # ## Secrets
 #
-# The optional vLLM API key comes from a named modal.Secret holding VLLM_API_KEY, never from a
-# literal here. Without one, Modal's proxy auth is the only guard (on by default).
+# Both are optional named modal.Secrets, never literals here, and both reach vLLM as environment
+# variables (never on its command line):
+# - VLLM_API_KEY (MODAL_VLLM_API_KEY_SECRET): vLLM then requires it on /v1/*. Without one,
+#   Modal's proxy auth is the only guard (on by default).
+# - HF_TOKEN (MODAL_HF_TOKEN_SECRET): gated models (Llama, Gemma, ...) refuse anonymous downloads.
 
-secrets = (
-    [modal.Secret.from_name(settings.vllm_api_key_secret, required_keys=[VLLM_API_KEY_ENV])]
-    if settings.vllm_api_key_secret
-    else []
-)
+secrets = [
+    modal.Secret.from_name(name, required_keys=[key])
+    for name, key in (
+        (settings.vllm_api_key_secret, VLLM_API_KEY_ENV),
+        (settings.hf_token_secret, HF_TOKEN_ENV),
+    )
+    if name
+]
 
 # ## The server
 #
@@ -130,10 +146,15 @@ app = modal.App(APP_NAME)
     requires_proxy_auth=settings.require_proxy_auth,
 )
 def serve() -> None:
-    """Starts vLLM's OpenAI-compatible server; Modal routes requests once the port opens."""
-    api_key = os.environ.get(VLLM_API_KEY_ENV) or None
+    """Starts vLLM's OpenAI-compatible server; Modal routes requests once the port opens.
+
+    Returns once the port is open. If vLLM exits first, raises at once with its exit code, so
+    a broken deploy stops the container instead of billing the whole startup timeout.
+    """
     # An argv list, no shell: nothing in the settings can be interpreted as shell syntax.
-    subprocess.Popen(vllm_serve_command(settings, api_key=api_key))
+    process = subprocess.Popen(vllm_serve_command(settings), env=vllm_serve_environment(os.environ))
+    took_s = wait_until_listening(process, VLLM_PORT, timeout_s=STARTUP_TIMEOUT_S)
+    print(f"vllm serve is listening after {took_s:.1f} s")
 
 
 # ## Smoke test

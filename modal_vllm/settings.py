@@ -9,6 +9,8 @@ of silently deploying a default.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -54,7 +56,19 @@ VLLM_CACHE_PATH = "/root/.cache/vllm"
 """Where vLLM keeps its compile cache inside the container."""
 
 VLLM_API_KEY_ENV = "VLLM_API_KEY"
-"""Key the optional ``modal.Secret`` must hold; read in the container, never stored here."""
+"""Key the optional ``modal.Secret`` must hold. vLLM reads it from its environment, so it never
+appears on the command line (where ``ps`` and crash logs would show it)."""
+
+HF_TOKEN_ENV = "HF_TOKEN"
+"""Key the optional Hugging Face ``modal.Secret`` must hold; gated models need it to download."""
+
+TOOL_CALLING_MODEL_PARSERS = (("qwen2.5", "hermes"),)
+"""(model id fragment, vLLM tool-call parser) turned on by default: Qwen2.5's chat template
+emits Hermes-style ``<tool_call>`` blocks. Other models get none unless MODAL_TOOL_CALL_PARSER
+names one."""
+
+_PARSER_NAME = re.compile(r"^[a-z0-9_]+$")
+_PARSER_OFF = frozenset({"none", "off", "false", "0"})
 
 # --- Defaults for the tunable settings -----------------------------------------------------
 
@@ -62,6 +76,7 @@ DEFAULT_GPU_TYPE = "L4"
 DEFAULT_SCALEDOWN_WINDOW_MINUTES = 5.0
 DEFAULT_MAX_CONCURRENT_REQUESTS = 32
 DEFAULT_MAX_MODEL_LEN = 4096
+DEFAULT_FAST_BOOT = True  # scale to zero means many cold starts: boot time is what users wait for
 
 # Modal rejects scaledown windows outside 2..3600 s; checking here gives a message naming our
 # variable instead of the SDK's parameter name.
@@ -90,6 +105,14 @@ class DeploymentSettings:
             (``MODAL_REQUIRE_PROXY_AUTH``).
         vllm_api_key_secret: Name of a ``modal.Secret`` holding ``VLLM_API_KEY``; empty means
             vLLM runs without an API key (``MODAL_VLLM_API_KEY_SECRET``).
+        hf_token_secret: Name of a ``modal.Secret`` holding ``HF_TOKEN``, for gated models;
+            empty means anonymous downloads (``MODAL_HF_TOKEN_SECRET``).
+        fast_boot: Run vLLM eagerly (``--enforce-eager``: no torch.compile, no CUDA graphs), the
+            shortest cold start at some cost in tokens per second; false compiles and captures
+            CUDA graphs for batch sizes up to ``max_concurrent_requests`` only (``MODAL_FAST_BOOT``).
+        tool_call_parser: vLLM tool-call parser; sets ``--enable-auto-tool-choice
+            --tool-call-parser``. Empty means no tool calling. Default ``hermes`` for Qwen2.5
+            models, none for others (``MODAL_TOOL_CALL_PARSER``; ``none`` turns it off).
     """
 
     model: str = DEFAULT_MODEL
@@ -100,6 +123,9 @@ class DeploymentSettings:
     max_model_len: int = DEFAULT_MAX_MODEL_LEN
     require_proxy_auth: bool = True
     vllm_api_key_secret: str = ""
+    hf_token_secret: str = ""
+    fast_boot: bool = DEFAULT_FAST_BOOT
+    tool_call_parser: str = "hermes"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> DeploymentSettings:
@@ -146,6 +172,9 @@ class DeploymentSettings:
             max_model_len=_positive_int(env, "MODAL_MAX_MODEL_LEN") or DEFAULT_MAX_MODEL_LEN,
             require_proxy_auth=_bool(env, "MODAL_REQUIRE_PROXY_AUTH", default=True),
             vllm_api_key_secret=_get(env, "MODAL_VLLM_API_KEY_SECRET"),
+            hf_token_secret=_get(env, "MODAL_HF_TOKEN_SECRET"),
+            fast_boot=_bool(env, "MODAL_FAST_BOOT", default=DEFAULT_FAST_BOOT),
+            tool_call_parser=_tool_call_parser(env, model),
         )
 
     @property
@@ -173,17 +202,37 @@ class DeploymentSettings:
             "MODAL_MAX_MODEL_LEN": str(self.max_model_len),
             "MODAL_REQUIRE_PROXY_AUTH": "true" if self.require_proxy_auth else "false",
             "MODAL_VLLM_API_KEY_SECRET": self.vllm_api_key_secret,
+            "MODAL_HF_TOKEN_SECRET": self.hf_token_secret,
+            "MODAL_FAST_BOOT": "true" if self.fast_boot else "false",
+            # "none", not empty: empty means "the model's default", which may be a parser.
+            "MODAL_TOOL_CALL_PARSER": self.tool_call_parser or "none",
         }
         return {name: value for name, value in values.items() if value}
 
+    @property
+    def cudagraph_capture_sizes(self) -> list[int]:
+        """Batch sizes vLLM captures CUDA graphs for when not ``fast_boot``.
 
-def vllm_serve_command(settings: DeploymentSettings, api_key: str | None = None) -> list[str]:
+        vLLM's default captures dozens of sizes up to 512, each costing boot time; a container
+        never batches more than ``max_concurrent_requests`` sequences, so powers of two up to
+        that (and that number itself) are all that can be used.
+        """
+        sizes = [1]
+        while sizes[-1] * 2 <= self.max_concurrent_requests:
+            sizes.append(sizes[-1] * 2)
+        if sizes[-1] != self.max_concurrent_requests:
+            sizes.append(self.max_concurrent_requests)
+        return sizes
+
+
+def vllm_serve_command(settings: DeploymentSettings) -> list[str]:
     """Builds the argv of ``vllm serve`` for these settings (run without a shell).
+
+    The API key is not an argument: vLLM reads ``VLLM_API_KEY`` from the environment
+    (:func:`vllm_serve_environment`), and a command line is visible to every process.
 
     Args:
         settings: The deployment settings.
-        api_key: vLLM API key read from ``VLLM_API_KEY`` in the container, or None for none.
-            Never pass a literal: it comes from a ``modal.Secret`` at runtime.
 
     Returns:
         The argv list, starting with ``vllm``.
@@ -209,9 +258,52 @@ def vllm_serve_command(settings: DeploymentSettings, api_key: str | None = None)
         # Request lines in `modal app logs` are how a cold start or a 4xx gets diagnosed.
         "--uvicorn-log-level=info",
     ]
-    if api_key:
-        argv += ["--api-key", api_key]
+    if settings.fast_boot:
+        # Skips torch.compile and CUDA graph capture: the shortest boot, as Modal's vLLM
+        # example offers for scale-to-zero; decoding is somewhat slower.
+        argv += ["--enforce-eager"]
+    else:
+        sizes = json.dumps({"cudagraph_capture_sizes": settings.cudagraph_capture_sizes}, separators=(",", ":"))
+        argv += ["--no-enforce-eager", "--compilation-config", sizes]
+    if settings.tool_call_parser:
+        # Without these vLLM rejects requests carrying `tools` with tool_choice "auto".
+        argv += ["--enable-auto-tool-choice", "--tool-call-parser", settings.tool_call_parser]
     return argv
+
+
+def vllm_serve_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment ``vllm serve`` runs with: the container's, keys checked.
+
+    ``VLLM_API_KEY`` and ``HF_TOKEN`` arrive from ``modal.Secret``s as environment variables and
+    are passed on that way; a blank one is dropped, so an empty secret value means "no key"
+    rather than a key that is the empty string.
+
+    Args:
+        environ: The container's environment, usually ``os.environ``.
+
+    Returns:
+        A new dict for ``subprocess.Popen(env=...)``.
+    """
+    env = dict(environ)
+    for name in (VLLM_API_KEY_ENV, HF_TOKEN_ENV):
+        if not env.get(name, "").strip():
+            env.pop(name, None)
+    return env
+
+
+def _tool_call_parser(env: Mapping[str, str], model: str) -> str:
+    raw = _get(env, "MODAL_TOOL_CALL_PARSER").lower()
+    if not raw:
+        lowered = model.lower()
+        return next((parser for fragment, parser in TOOL_CALLING_MODEL_PARSERS if fragment in lowered), "")
+    if raw in _PARSER_OFF:
+        return ""
+    if not _PARSER_NAME.match(raw):
+        raise ValueError(
+            f"MODAL_TOOL_CALL_PARSER must be a vLLM tool-call parser name (e.g. hermes, mistral, "
+            f"llama3_json) or none, got {raw!r}"
+        )
+    return raw
 
 
 def _get(env: Mapping[str, str], name: str) -> str:

@@ -1,4 +1,5 @@
-"""The Modal deployment: settings from env, the vllm argv, offline import, and pricing.
+"""The Modal deployment: settings from env, the vllm argv and environment, offline import,
+failing fast when vLLM dies during startup, and pricing.
 
 Importing ``modal_vllm/deployment.py`` happens in subprocesses, because it reads settings from
 the environment at import and registers a Modal app; a socket guard there fails any network
@@ -9,13 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
+from modal_vllm.launch import VllmExitedError, wait_until_listening
 from modal_vllm.pricing import (
     budget_table,
     cost_for_bursts_usd,
@@ -28,6 +32,7 @@ from modal_vllm.settings import (
     DEFAULT_MODEL_REVISION,
     DeploymentSettings,
     vllm_serve_command,
+    vllm_serve_environment,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +46,8 @@ DEFAULT_ARGV = [
     "--max-model-len", "4096",
     "--max-num-seqs", "32",
     "--uvicorn-log-level=info",
+    "--enforce-eager",
+    "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
 ]  # fmt: skip
 
 # Runs in a fresh interpreter: blocks the network, imports the deployment, calls the `serve`
@@ -59,23 +66,36 @@ IMPORT_SCRIPT = textwrap.dedent(
     import modal
     import modal_vllm.deployment as deployment
 
-    popen_calls = []
+    popen_calls, waits = [], []
 
     class FakePopen:
         def __init__(self, argv, **kwargs):
-            popen_calls.append({"argv": argv, "kwargs": sorted(kwargs)})
+            env = kwargs.get("env") or {}
+            popen_calls.append({
+                "argv": argv,
+                "kwargs": sorted(kwargs),
+                "env_api_key": env.get("VLLM_API_KEY"),
+                "env_hf_token": env.get("HF_TOKEN"),
+            })
+
+    def fake_wait(process, port, **kwargs):
+        waits.append({"port": port, "timeout_s": kwargs["timeout_s"], "process": type(process).__name__})
+        return 0.0
 
     deployment.subprocess.Popen = FakePopen
+    deployment.wait_until_listening = fake_wait
     deployment.serve.local()
     print(json.dumps({
         "app_name": deployment.app.name,
         "serve_is_function": isinstance(deployment.serve, modal.Function),
         "gpu": deployment.settings.gpu,
+        "fast_boot": deployment.FAST_BOOT,
         "scaledown_window_s": deployment.settings.scaledown_window_s,
         "container_env": deployment.settings.to_env(),
         "secret_count": len(deployment.secrets),
         "volume_paths": sorted(deployment.volumes),
         "popen_calls": popen_calls,
+        "waits": waits,
     }))
     """
 )
@@ -107,18 +127,24 @@ def _import_deployment(**env: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_import_defines_app_offline_and_serve_starts_vllm_without_shell() -> None:
-    result = _import_deployment(VLLM_API_KEY="container-key")
+    result = _import_deployment(VLLM_API_KEY="container-key", HF_TOKEN="hf-token")
 
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert seen["app_name"] == APP_NAME == "multi-agent-vllm-inference"
     assert seen["serve_is_function"] is True
     assert seen["gpu"] == "L4"
+    assert seen["fast_boot"] is True
     assert seen["scaledown_window_s"] == 300
     assert seen["secret_count"] == 0
     assert seen["volume_paths"] == ["/root/.cache/huggingface", "/root/.cache/vllm"]
-    # The key reaches vLLM from the container's environment, and no shell is involved.
-    assert seen["popen_calls"] == [{"argv": [*DEFAULT_ARGV, "--api-key", "container-key"], "kwargs": []}]
+    # The keys reach vLLM through its environment, never its command line; no shell is involved.
+    assert seen["popen_calls"] == [
+        {"argv": DEFAULT_ARGV, "kwargs": ["env"], "env_api_key": "container-key", "env_hf_token": "hf-token"}
+    ]
+    assert "container-key" not in json.dumps(seen["popen_calls"][0]["argv"])
+    # serve() waits for the port while watching the process, under the 20-minute startup timeout.
+    assert seen["waits"] == [{"port": 8000, "timeout_s": 1200, "process": "FakePopen"}]
 
 
 def test_import_with_overrides_passes_settings_to_the_container() -> None:
@@ -129,18 +155,24 @@ def test_import_with_overrides_passes_settings_to_the_container() -> None:
         MODAL_MAX_MODEL_LEN="2048",
         MODAL_SCALEDOWN_WINDOW_MINUTES="2.5",
         MODAL_VLLM_API_KEY_SECRET="vllm-api-key",
+        MODAL_HF_TOKEN_SECRET="huggingface",
+        MODAL_FAST_BOOT="false",
     )
 
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert seen["gpu"] == "A10G"
+    assert seen["fast_boot"] is False
     assert seen["scaledown_window_s"] == 150
-    assert seen["secret_count"] == 1
+    assert seen["secret_count"] == 2
     # The container re-imports the module; these variables make it build the same settings.
     assert seen["container_env"]["MODAL_MODEL"] == "Qwen/Qwen2.5-0.5B-Instruct"
     assert DeploymentSettings.from_env(seen["container_env"]).max_concurrent_requests == 8
-    assert seen["popen_calls"][0]["argv"][:3] == ["vllm", "serve", "Qwen/Qwen2.5-0.5B-Instruct"]
-    assert "--api-key" not in seen["popen_calls"][0]["argv"]
+    argv = seen["popen_calls"][0]["argv"]
+    assert argv[:3] == ["vllm", "serve", "Qwen/Qwen2.5-0.5B-Instruct"]
+    assert "--api-key" not in argv and seen["popen_calls"][0]["env_api_key"] is None
+    assert argv[argv.index("--compilation-config") + 1] == '{"cudagraph_capture_sizes":[1,2,4,8]}'
+    assert DeploymentSettings.from_env(seen["container_env"]).tool_call_parser == "hermes"
 
 
 def test_import_with_unsupported_gpu_fails_naming_the_accepted_types() -> None:
@@ -164,7 +196,8 @@ def test_serve_command_from_overridden_env_is_exact() -> None:
         }
     )
 
-    assert vllm_serve_command(settings, api_key="k") == [
+    # Not a Qwen2.5 model: no tool-call parser unless one is named.
+    assert vllm_serve_command(settings) == [
         "vllm", "serve", "meta-llama/Llama-3.1-8B-Instruct",
         "--revision", "0e9e39f249a16976918f6564b8830bc894c89659",
         "--served-model-name", "meta-llama/Llama-3.1-8B-Instruct",
@@ -173,8 +206,94 @@ def test_serve_command_from_overridden_env_is_exact() -> None:
         "--max-model-len", "8192",
         "--max-num-seqs", "16",
         "--uvicorn-log-level=info",
-        "--api-key", "k",
+        "--enforce-eager",
     ]  # fmt: skip
+
+
+def test_fast_boot_off_compiles_and_captures_only_usable_batch_sizes() -> None:
+    settings = DeploymentSettings.from_env({"MODAL_FAST_BOOT": "false", "MAX_CONCURRENT_REQUESTS": "24"})
+
+    argv = vllm_serve_command(settings)
+    assert "--enforce-eager" not in argv and "--no-enforce-eager" in argv
+    config = json.loads(argv[argv.index("--compilation-config") + 1])
+    assert config == {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 24]}
+
+
+@pytest.mark.parametrize(
+    ("env", "parser"),
+    [
+        ({}, "hermes"),  # Qwen2.5 by default
+        ({"MODAL_TOOL_CALL_PARSER": "none"}, ""),
+        ({"MODAL_TOOL_CALL_PARSER": "Off"}, ""),
+        ({"MODAL_MODEL": "mistralai/Mistral-7B-Instruct-v0.3"}, ""),
+        ({"MODAL_MODEL": "mistralai/Mistral-7B-Instruct-v0.3", "MODAL_TOOL_CALL_PARSER": "mistral"}, "mistral"),
+    ],
+)
+def test_tool_calling_flags_follow_the_setting(env: dict[str, str], parser: str) -> None:
+    settings = DeploymentSettings.from_env(env)
+    argv = vllm_serve_command(settings)
+
+    assert settings.tool_call_parser == parser
+    if parser:
+        assert argv[-3:] == ["--enable-auto-tool-choice", "--tool-call-parser", parser]
+    else:
+        assert "--enable-auto-tool-choice" not in argv and "--tool-call-parser" not in argv
+    assert DeploymentSettings.from_env(settings.to_env()) == settings
+
+
+def test_bad_tool_call_parser_names_the_variable() -> None:
+    with pytest.raises(ValueError, match="MODAL_TOOL_CALL_PARSER must be a vLLM tool-call parser name"):
+        DeploymentSettings.from_env({"MODAL_TOOL_CALL_PARSER": "hermes; rm -rf /"})
+
+
+def test_environment_passes_secrets_and_drops_blank_ones() -> None:
+    env = vllm_serve_environment({"PATH": "/usr/bin", "VLLM_API_KEY": "k-1", "HF_TOKEN": "  "})
+
+    assert env == {"PATH": "/usr/bin", "VLLM_API_KEY": "k-1"}
+    assert vllm_serve_environment({"PATH": "/bin"}) == {"PATH": "/bin"}
+
+
+def test_vllm_exiting_during_startup_fails_at_once_with_its_code() -> None:
+    process = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+    try:
+        started = time.monotonic()
+        with pytest.raises(VllmExitedError, match="exited with code 3 during startup") as info:
+            wait_until_listening(process, _free_port(), timeout_s=60, poll_interval_s=0.05)
+        assert info.value.returncode == 3
+        assert time.monotonic() - started < 30  # not the timeout: generous, the point is "not 60 s"
+    finally:
+        process.wait(5)
+
+
+def test_wait_returns_once_the_port_opens_and_times_out_otherwise() -> None:
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable, "-c",
+            "import socket, time; s = socket.socket(); time.sleep(0.3); "
+            f"s.bind(('127.0.0.1', {port})); s.listen(); time.sleep(30)",
+        ]
+    )  # fmt: skip
+    try:
+        assert wait_until_listening(server, port, timeout_s=30, poll_interval_s=0.05) >= 0
+    finally:
+        server.kill()
+        server.wait(5)
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with pytest.raises(TimeoutError, match=f"did not open port {port} within 0.3 s"):
+            wait_until_listening(sleeper, port, timeout_s=0.3, poll_interval_s=0.05)
+    finally:
+        sleeper.kill()
+        sleeper.wait(5)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def test_qwen_pin_is_not_applied_to_another_model() -> None:
@@ -190,7 +309,8 @@ def test_defaults() -> None:
     settings = DeploymentSettings.from_env({})
 
     assert settings.require_proxy_auth is True
-    assert settings.vllm_api_key_secret == ""
+    assert settings.vllm_api_key_secret == "" and settings.hf_token_secret == ""
+    assert settings.fast_boot is True and settings.tool_call_parser == "hermes"
     assert settings.scaledown_window_s == 300
     assert DeploymentSettings.from_env(settings.to_env()) == settings
 
