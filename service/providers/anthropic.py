@@ -7,23 +7,40 @@ How it differs from plain OpenAI:
   messages are merged, and a conversation that opens with the assistant gets a short user turn
   in front. A trailing assistant message is kept: Anthropic continues it (prefill).
 * ``max_tokens`` is required (the servicer always sets it).
+* Requests the gateway accepts but Anthropic would answer 400 are adjusted, each adjustment
+  recorded as a ``request_adjusted`` event on the attempt span (see :func:`to_params`):
+
+  - ``temperature`` and ``top_p`` together: current Claude models take one or the other, so
+    ``temperature`` is sent and ``top_p`` dropped (temperature is the knob callers set most).
+  - ``temperature`` above 1: Anthropic's range is 0..1 (the gateway's is OpenAI's 0..2), so it
+    is clamped to 1.
+  - whitespace-only stop sequences (``"\\n"``) are rejected by the API: they are dropped.
+  - a final assistant turn (prefill) may not end in whitespace: its trailing whitespace is trimmed.
 * Stop reasons are ``end_turn``/``stop_sequence``/``max_tokens``/``tool_use``/``refusal``/
   ``pause_turn``; usage is ``input_tokens``/``output_tokens``.
 * Streaming is typed events (message_start, content_block_delta with text_delta, message_delta
   with the stop reason and output tokens, message_stop); a stream without message_stop failed.
 * 529 ``overloaded_error`` is Anthropic's "busy, retry": retryable like 429 and 5xx.
+* The served models come from ``GET /v1/models``, which lists dated ids only
+  (``claude-sonnet-4-5-20250929``); the aliases callers use are derived from them (see
+  :func:`model_aliases`), and the configured model is resolved with ``GET /v1/models/{id}`` when
+  the list does not name it.
 * The SDK's own retries are off (the router retries and falls back) and its own spans are off
   (the router's attempt span is the one CLIENT span per attempt, so nothing is duplicated).
 """
 
 from __future__ import annotations
 
+import asyncio
+import re
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import anthropic
 import httpx2  # the SDK's HTTP client (a fork of httpx); mid-stream transport errors surface raw
+from opentelemetry import trace
 
 from service.config import Settings
 from service.errors import (
@@ -81,6 +98,105 @@ def finish_reason(stop_reason: str | None) -> FinishReason:
     return _STOP.get(stop_reason or "", FinishReason.UNSPECIFIED)
 
 
+@dataclass(frozen=True, slots=True)
+class Adjustment:
+    """One change made to a request so that Anthropic accepts it (recorded on the attempt span).
+
+    Attributes:
+        param: The Anthropic parameter changed (``top_p``, ``temperature``, ``stop_sequences``,
+            ``messages``).
+        action: ``dropped``, ``clamped`` or ``trimmed``.
+        detail: Why, in a sentence (never the caller's text).
+    """
+
+    param: str
+    action: str
+    detail: str
+
+
+def to_params(request: ChatRequest, default_model: str) -> tuple[dict[str, Any], list[Adjustment]]:
+    """The ``messages.create`` arguments for ``request``, and what had to change for Anthropic.
+
+    The gateway validates requests against OpenAI's rules; the adjustments below are the ones
+    Anthropic's API would otherwise answer with a 400 (``invalid_request_error``), which the
+    caller would see as INVALID_ARGUMENT exactly when Anthropic is the last provider left.
+    """
+    adjustments: list[Adjustment] = []
+    system, turns = to_anthropic(request.messages)
+    last = turns[-1]
+    if last["role"] == "assistant" and last["content"] != last["content"].rstrip():
+        # "final assistant content cannot end with trailing whitespace"
+        last["content"] = last["content"].rstrip()
+        action = "trimmed" if last["content"] else "dropped"
+        if not last["content"]:
+            turns.pop()
+        adjustments.append(Adjustment("messages", action, "the final assistant turn (prefill) ended in whitespace"))
+    params: dict[str, Any] = {
+        "model": request.model or default_model,
+        "max_tokens": request.max_tokens,
+        "messages": turns,
+    }
+    if system:
+        params["system"] = system
+    temperature, top_p = request.temperature, request.top_p
+    if temperature is not None and top_p is not None:
+        # "`temperature` and `top_p` cannot both be specified for this model"
+        top_p = None
+        adjustments.append(Adjustment("top_p", "dropped", "Anthropic takes temperature or top_p, not both"))
+    sampling: dict[str, float] = {}
+    if temperature is not None:
+        if temperature > 1.0:
+            adjustments.append(
+                Adjustment("temperature", "clamped", f"{temperature:g} is above Anthropic's range 0..1; sent 1")
+            )
+            temperature = 1.0
+        sampling["temperature"] = temperature
+    if top_p is not None:
+        sampling["top_p"] = top_p
+    if sampling:
+        # SDK 1.0 dropped temperature/top_p from the method signatures (a TypeError before any
+        # request is sent); the API still takes them, and extra_body is the SDK's documented way.
+        params["extra_body"] = sampling
+    stops = [s for s in request.stop if s.strip()]
+    if len(stops) < len(request.stop):
+        # "stop_sequences: each stop sequence must contain non-whitespace"
+        n = len(request.stop) - len(stops)
+        adjustments.append(Adjustment("stop_sequences", "dropped", f"{n} whitespace-only stop sequence(s)"))
+    if stops:
+        params["stop_sequences"] = stops
+    return params, adjustments
+
+
+# ``claude-sonnet-4-5-20250929`` -> stem ``claude-sonnet-4-5``, date ``20250929``.
+_DATED = re.compile(r"(?P<stem>claude-.+)-(?P<date>\d{8})")
+
+
+def model_aliases(model_id: str) -> list[str]:
+    """The aliases Anthropic resolves to a dated model id (``GET /v1/models`` lists only the ids).
+
+    ``claude-sonnet-4-5-20250929`` -> ``claude-sonnet-4-5``; ``claude-sonnet-4-20250514`` ->
+    ``claude-sonnet-4-0``; ``claude-3-7-sonnet-20250219`` -> ``claude-3-7-sonnet-latest``. A
+    wrong guess costs little (the model is asked and answers 404, which is not a provider
+    failure); a missing alias would make the router skip Anthropic for a model it serves.
+    """
+    match = _DATED.fullmatch(model_id)
+    if match is None:
+        return []
+    stem = match["stem"]
+    if stem.startswith("claude-3"):
+        return [f"{stem}-latest"]
+    if re.search(r"[a-z]-\d+$", stem):  # a major version alone: claude-sonnet-4
+        return [stem, f"{stem}-0"]
+    return [stem]
+
+
+def served_with_aliases(ids: Iterable[str]) -> list[str]:
+    """Model ids followed by their aliases, without duplicates, in order."""
+    ids = list(ids)
+    extra = [alias for model_id in ids for alias in model_aliases(model_id)]
+    return list(dict.fromkeys([*ids, *extra]))
+
+
 class AnthropicProvider:
     """Anthropic as the last resort of the chain."""
 
@@ -113,21 +229,16 @@ class AnthropicProvider:
         return self._client
 
     def _params(self, request: ChatRequest) -> dict[str, Any]:
-        system, turns = to_anthropic(request.messages)
-        params: dict[str, Any] = {
-            "model": request.model or self.default_model,
-            "max_tokens": request.max_tokens,
-            "messages": turns,
-        }
-        if system:
-            params["system"] = system
-        if request.temperature is not None:
-            # Anthropic's range is [0, 1]; the gateway accepts OpenAI's [0, 2].
-            params["temperature"] = min(request.temperature, 1.0)
-        if request.top_p is not None:
-            params["top_p"] = request.top_p
-        if request.stop:
-            params["stop_sequences"] = list(request.stop)
+        """The SDK arguments; adjustments go on the current span, which is the attempt's span
+        while the router awaits ``chat()`` or a stream's first item (where this runs)."""
+        params, adjustments = to_params(request, self.default_model)
+        if adjustments:
+            span = trace.get_current_span()
+            for adj in adjustments:
+                span.add_event(
+                    "request_adjusted",
+                    {"gateway.provider": self.name, "param": adj.param, "action": adj.action, "detail": adj.detail},
+                )
         return params
 
     def _translate(self, exc: Exception, model: str) -> ProviderError | InvalidRequestError:
@@ -179,16 +290,21 @@ class AnthropicProvider:
         params = self._params(request)
         try:
             message = await self.client.messages.create(**params)
+            text = "".join(getattr(block, "text", "") for block in message.content)
+            result = ChatResult(
+                id=message.id,
+                model=message.model,
+                content=text,
+                finish_reason=finish_reason(message.stop_reason),
+                usage=Usage(message.usage.input_tokens, message.usage.output_tokens),
+            )
         except anthropic.AnthropicError as exc:
             raise self._translate(exc, params["model"]) from exc
-        text = "".join(getattr(block, "text", "") for block in message.content)
-        return ChatResult(
-            id=message.id,
-            model=message.model,
-            content=text,
-            finish_reason=finish_reason(message.stop_reason),
-            usage=Usage(message.usage.input_tokens, message.usage.output_tokens),
-        )
+        except _MALFORMED as exc:  # the SDK parses bodies without validating them
+            raise ProviderProtocolError(self.name, f"anthropic sent a malformed message: {exc}") from exc
+        if message.stop_reason is None:
+            raise ProviderProtocolError(self.name, "anthropic answered a message without a stop reason")
+        return result
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamItem, None]:
         """Streams text deltas; the SDK stream (and its HTTP response) is closed in ``finally``."""
@@ -223,18 +339,46 @@ class AnthropicProvider:
             yield StreamEnd(msg_id, model, finish_reason(stop), Usage(input_tokens, output_tokens))
         except (anthropic.AnthropicError, httpx2.TransportError) as exc:
             raise self._translate(exc, params["model"]) from exc
+        except _MALFORMED as exc:
+            # An event whose data is not JSON (the SDK raises json's error raw) or lacks a field.
+            raise ProviderProtocolError(self.name, f"anthropic sent a malformed stream event: {exc}") from exc
         finally:
             await events.close()
 
     async def check_health(self, timeout_s: float) -> HealthReport:
-        """Looks up the configured model (validates key and model; generates nothing)."""
+        """Lists the served models (``GET /v1/models``); generates nothing.
+
+        ``served_models`` holds the listed ids and their aliases, plus the configured model once
+        ``GET /v1/models/{id}`` resolved it. Refused credentials and an unknown configured model
+        are not ok but reachable; a network error or timeout is not ok and not reachable. An
+        endpoint without the models API (404/405, e.g. a proxy in ANTHROPIC_BASE_URL) is ok with
+        no served models (unknown), so the probe never marks a working Messages API unhealthy.
+        """
         start = time.perf_counter()
+        model = self.default_model
+        served: list[str] = []
         try:
-            await self.client.models.retrieve(self.default_model, timeout=timeout_s)
+            async with asyncio.timeout(timeout_s):
+                try:
+                    served = served_with_aliases(
+                        [m.id async for m in await self.client.models.list(limit=1000, timeout=timeout_s)]
+                    )
+                except anthropic.APIStatusError as exc:
+                    if exc.status_code not in (404, 405):
+                        raise
+                    return HealthReport(True, time.perf_counter() - start, reachable=True)
+                if model not in served:
+                    # An alias the list does not spell out (or a model it omits): resolve it.
+                    await self.client.models.retrieve(model, timeout=timeout_s)
+                    served.append(model)
+        except TimeoutError:
+            return HealthReport(False, time.perf_counter() - start, error=f"anthropic sent no models in {timeout_s} s")
         except anthropic.AnthropicError as exc:
-            err = self._translate(exc, self.default_model)
-            return HealthReport(False, time.perf_counter() - start, error=err.message)
-        return HealthReport(True, time.perf_counter() - start, [self.default_model])
+            err = self._translate(exc, model)
+            error = f"{err.message}; it serves {served}" if isinstance(err, ProviderModelNotFoundError) else err.message
+            reachable = isinstance(exc, anthropic.APIStatusError)  # a server answered, even if with an error
+            return HealthReport(False, time.perf_counter() - start, served, error=error, reachable=reachable)
+        return HealthReport(True, time.perf_counter() - start, served)
 
     async def aclose(self) -> None:
         """Closes the SDK's HTTP pool."""
@@ -244,6 +388,8 @@ class AnthropicProvider:
 
 
 _RETRYABLE_STREAM_ERRORS = {"overloaded_error", "api_error", "rate_limit_error"}
+# What a body or event that is not the documented JSON raises from the SDK's unvalidated parsing.
+_MALFORMED = (ValueError, AttributeError, TypeError, KeyError)
 
 
 def _error_type(exc: anthropic.APIStatusError) -> str:

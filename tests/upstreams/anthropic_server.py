@@ -3,16 +3,24 @@
 Checks the key (``x-api-key`` or ``Authorization: Bearer``) when ``api_key`` is set and
 ``anthropic-version`` when ``require_version_header``; validates requests like the real API
 where cheap: ``model`` and ``max_tokens`` required, messages start with a user turn and
-alternate, no ``system`` role.
+alternate, no ``system`` role; and the rules current Claude models enforce with a 400
+``invalid_request_error`` (wording as reported from the real API): ``temperature`` and ``top_p``
+not both, ``temperature`` and ``top_p`` within 0..1, no whitespace-only stop sequence, no trailing
+whitespace on a final assistant turn.
+``GET /v1/models`` pages like the real API (``limit`` default 20, at most 1000; ``after_id`` /
+``before_id``; ``has_more``, ``first_id``, ``last_id``) and ``GET /v1/models/{id}`` answers one
+record (resolving ``aliases``) or 404 ``not_found_error``.
 Errors use ``{"type": "error", "error": {"type", "message"}, "request_id"}``; streams use the real
 event sequence with ``event:`` lines; in-band errors are ``event: error``.
 """
 
 from __future__ import annotations
 
+import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import parse_qsl
 
 from tests.upstreams.base import (
     FakeUpstream,
@@ -29,6 +37,7 @@ from tests.upstreams.wire import (
     ChatContext,
     Exchange,
     RecordedRequest,
+    _phrase,
     count_words,
     dumps,
 )
@@ -50,6 +59,39 @@ _ERROR_TYPES = {
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 
+# The real API's messages for the rules below (from public reports of its 400 answers).
+BOTH_SAMPLING = "`temperature` and `top_p` cannot both be specified for this model. Please use only one."
+WHITESPACE_STOP = "stop_sequences: each stop sequence must contain non-whitespace"
+TRAILING_PREFILL = "messages: final assistant content cannot end with trailing whitespace"
+MAX_MODELS_LIMIT = 1000
+DEFAULT_MODELS_LIMIT = 20
+
+_DATED = re.compile(r"(.+)-(\d{4})(\d{2})(\d{2})")
+
+
+def model_record(model_id: str) -> dict[str, Any]:
+    """The real API's model object: ``claude-sonnet-4-5-20250929`` -> "Claude Sonnet 4.5", created
+    that day."""
+    match = _DATED.fullmatch(model_id)
+    stem, created = (match[1], f"{match[2]}-{match[3]}-{match[4]}") if match else (model_id, "2025-01-01")
+    words: list[str] = []
+    for part in stem.split("-"):
+        if part.isdigit() and words and words[-1][-1].isdigit():
+            words[-1] += "." + part
+        else:
+            words.append(part.capitalize() if not part.isdigit() else part)
+    return {"type": "model", "id": model_id, "display_name": " ".join(words), "created_at": f"{created}T00:00:00Z"}
+
+
+def _text_of(content: Any) -> str:
+    """The text of a message's content: a string, or the last text block of a list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = [b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text"]
+        return texts[-1] if texts else ""
+    return ""
+
 
 def _event(name: str, data: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + dumps(data) + b"\n\n"
@@ -67,6 +109,8 @@ class FakeAnthropic(FakeUpstream):
         api_key: str | None = None,
         require_version_header: bool = True,
         strict_roles: bool = True,
+        aliases: Mapping[str, str] | None = None,
+        exclusive_sampling: bool = True,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -75,12 +119,19 @@ class FakeAnthropic(FakeUpstream):
         ``strict_roles`` rejects ``system``-role messages, a first turn that is not ``user`` and
         non-alternating roles (the classic API rules; SDK 2.14's docs say consecutive turns are
         now merged and its types include a system-role message, so turn it off to be lenient).
+        ``aliases`` maps alias -> model id (``claude-sonnet-4-5`` -> ``claude-sonnet-4-5-20250929``):
+        the list names only ids, while messages and ``GET /v1/models/{alias}`` accept aliases.
+        ``exclusive_sampling`` rejects ``temperature`` with ``top_p`` (current models; Claude 3 took
+        both). Set ``models_status`` to answer every ``/v1/models*`` request with that status.
         """
         super().__init__(host=host, port=port)
         self.models = list(models) if models is not None else None
         self.api_key = api_key
         self.require_version_header = require_version_header
         self.strict_roles = strict_roles
+        self.aliases = dict(aliases or {})
+        self.exclusive_sampling = exclusive_sampling
+        self.models_status: int | None = None
 
     def response_headers(self) -> dict[str, str]:
         """Every response carries a ``request-id`` like the real API."""
@@ -107,28 +158,73 @@ class FakeAnthropic(FakeUpstream):
                 return
         if (rec.method, rec.path) == ("POST", self.chat_path):
             await self._messages(rec, ex)
-        elif (rec.method, rec.path) == ("GET", "/v1/models"):
-            data = [
-                {"type": "model", "id": m, "display_name": m, "created_at": "2025-01-01T00:00:00Z"}
-                for m in (self.models or [DEFAULT_MODEL])
-            ]
-            page = {"data": data, "has_more": False, "first_id": data[0]["id"]}
-            await ex.respond(200, dumps({**page, "last_id": data[-1]["id"]}))
-        elif rec.method == "GET" and rec.path.startswith("/v1/models/"):
-            # Like the real API: one model's record, 404 not_found_error for an unknown id.
-            model_id = rec.path.removeprefix("/v1/models/")
-            if self.models is not None and model_id not in self.models:
-                await self.send_error(ex, 404, f"model: {model_id}")
+        elif rec.method == "GET" and (rec.path == "/v1/models" or rec.path.startswith("/v1/models/")):
+            if self.models_status is not None:
+                await self.send_error(ex, self.models_status, _phrase(self.models_status))
+            elif rec.path == "/v1/models":
+                await self._list_models(rec, ex)
             else:
-                record = {
-                    "type": "model",
-                    "id": model_id,
-                    "display_name": model_id,
-                    "created_at": "2025-01-01T00:00:00Z",
-                }
-                await ex.respond(200, dumps(record))
+                await self._get_model(rec.path.removeprefix("/v1/models/"), ex)
         else:
             await self.send_error(ex, 404, "Not found")
+
+    def _resolve(self, model: str) -> str | None:
+        """The model id ``model`` names (itself or through an alias); None when not served."""
+        if self.models is None:
+            return model
+        resolved = self.aliases.get(model, model)
+        return resolved if resolved in self.models else None
+
+    async def _list_models(self, rec: RecordedRequest, ex: Exchange) -> None:
+        """One page of models, newest first as given, with the real API's cursor fields."""
+        ids = self.models if self.models is not None else [DEFAULT_MODEL]
+        query = dict(parse_qsl(rec.query))
+        try:
+            limit = int(query.get("limit", DEFAULT_MODELS_LIMIT))
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= MAX_MODELS_LIMIT:
+            await self.send_error(ex, 400, f"limit: Input should be between 1 and {MAX_MODELS_LIMIT}")
+            return
+        lo, hi = 0, len(ids)
+        if "after_id" in query and query["after_id"] in ids:
+            lo = ids.index(query["after_id"]) + 1
+        if "before_id" in query and query["before_id"] in ids:
+            hi = ids.index(query["before_id"])
+            lo = max(lo, hi - limit)
+        page = ids[lo : min(hi, lo + limit)]
+        more = (lo > 0) if "before_id" in query else (lo + len(page) < hi)
+        body = {
+            "data": [model_record(m) for m in page],
+            "has_more": more,
+            "first_id": page[0] if page else None,
+            "last_id": page[-1] if page else None,
+        }
+        await ex.respond(200, dumps(body))
+
+    async def _get_model(self, model: str, ex: Exchange) -> None:
+        """One model's record (an alias answers with the id it stands for), else 404."""
+        resolved = self._resolve(model)
+        if resolved is None:
+            await self.send_error(ex, 404, f"model: {model}")
+        else:
+            await ex.respond(200, dumps(model_record(resolved)))
+
+    def _validate_sampling(self, body: dict[str, Any]) -> str | None:
+        """temperature/top_p ranges, the two together, and stop sequences."""
+        for name in ("temperature", "top_p"):
+            value = body.get(name)
+            if value is not None and (not isinstance(value, int | float) or not 0 <= value <= 1):
+                return f"{name}: range: 0..1"
+        if self.exclusive_sampling and body.get("temperature") is not None and body.get("top_p") is not None:
+            return BOTH_SAMPLING
+        stops = body.get("stop_sequences")
+        if stops is not None:
+            if not isinstance(stops, list) or not all(isinstance(x, str) for x in stops):
+                return "stop_sequences: Input should be a valid list of strings"
+            if any(not x.strip() for x in stops):
+                return WHITESPACE_STOP
+        return None
 
     def _validate(self, body: Any) -> str | None:
         """The real API's message for an invalid request, or None."""
@@ -162,7 +258,12 @@ class FakeAnthropic(FakeUpstream):
                     f'but found multiple "{role}" roles in a row'
                 )
             expected = "assistant" if role == "user" else "user"
-        return None
+        last = messages[-1]
+        if isinstance(last, dict) and last.get("role") == "assistant":
+            text = _text_of(last.get("content"))
+            if text != text.rstrip():
+                return TRAILING_PREFILL
+        return self._validate_sampling(body)
 
     async def _messages(self, rec: RecordedRequest, ex: Exchange) -> None:
         body = rec.json
@@ -181,7 +282,7 @@ class FakeAnthropic(FakeUpstream):
             max_tokens=body["max_tokens"],
             response_id=f"msg_01{uuid.uuid4().hex[:22]}",
         )
-        if self.models is not None and ctx.model not in self.models:
+        if self._resolve(ctx.model) is None:
             await ex.respond(*self.behaviour_error(ctx, UnknownModel()))
             return
         await self.run_chat(ctx, ex)
