@@ -20,7 +20,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-from modal_vllm.pricing import DEFAULT_MONTHLY_BUDGET_USD, format_budget_table
+from modal_vllm.pricing import DEFAULT_MONTHLY_BUDGET_USD, format_budget_table, parse_price_overrides
 from modal_vllm.sdk import FunctionStats, ModalApiError, StatsSource, WebUrlLookup, read_stats, tokens_configured
 from modal_vllm.settings import DEFAULT_MODEL
 from modal_vllm.status import (
@@ -67,7 +67,13 @@ def main(
     args = _parser().parse_args(argv)
     environ = os.environ if env is None else env
     if args.command == "cost":
-        print(format_budget_table(args.budget), end="")
+        try:
+            prices = parse_price_overrides(args.price)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_NOT_CONFIGURED
+        print(format_budget_table(args.budget, prices), end="")
+        print("(prices: the original design's figures unless overridden with --price; see modal.com/pricing)")
         return EXIT_OK
     return _status(
         environ, as_json=args.json, timeout_s=args.timeout, wake=args.wake, stats_source=stats_source, lookup=lookup
@@ -98,6 +104,13 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_MONTHLY_BUDGET_USD,
         metavar="USD",
         help=f"budget in USD (default {DEFAULT_MONTHLY_BUDGET_USD:g})",
+    )
+    cost.add_argument(
+        "--price",
+        action="append",
+        default=[],
+        metavar="GPU=USD",
+        help="USD per GPU hour, overriding the design's figure (repeatable), e.g. --price L4=0.85",
     )
     return parser
 

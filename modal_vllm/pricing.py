@@ -3,8 +3,10 @@
 Modal bills a GPU container per second from the moment it starts until it scales down, whether
 or not it is generating. So the useful unit is "GPU hours": every request that finds no warm
 container pays a cold start, and every burst keeps the container up for the scale-down window
-after its last request. Prices are list prices in USD per GPU hour, rounded; check
-https://modal.com/pricing before budgeting (CPU and memory add a few percent).
+after its last request. The prices below are the original design's figures in USD per GPU hour,
+rounded, not fetched from Modal: check https://modal.com/pricing before budgeting (CPU and
+memory add a few percent) and pass your own (``prices=``, or ``python -m modal_vllm cost
+--price L4=0.85``).
 """
 
 from __future__ import annotations
@@ -21,17 +23,38 @@ GPU_PRICE_USD_PER_HOUR: Mapping[str, float] = MappingProxyType(
         "H100": 4.50,
     }
 )
-"""List price per GPU hour, keyed by the GPU types ``settings.ACCEPTED_GPU_TYPES`` accepts."""
+"""The original design's price per GPU hour, keyed by the GPU types ``settings.ACCEPTED_GPU_TYPES``
+accepts; every helper below takes ``prices=`` to override them."""
 
 DEFAULT_MONTHLY_BUDGET_USD = 30.0
 """The budget the docs plan for: $30/month buys 37.5 L4 hours."""
 
 
-def price_usd_per_hour(gpu: str) -> float:
+def parse_price_overrides(items: list[str]) -> dict[str, float]:
+    """Parses ``GPU=USD`` pairs (``["L4=0.85"]``) into a price table over the design's figures.
+
+    Raises:
+        ValueError: A pair is malformed or its price is not a positive number.
+    """
+    prices = dict(GPU_PRICE_USD_PER_HOUR)
+    for item in items:
+        gpu, sep, raw = item.partition("=")
+        try:
+            price = float(raw)
+        except ValueError:
+            price = -1.0
+        if not sep or not gpu.strip() or not price > 0 or price == float("inf"):
+            raise ValueError(f"a GPU price is GPU=USD_PER_HOUR with a positive number, e.g. L4=0.85; got {item!r}")
+        prices[gpu.strip().upper()] = price
+    return prices
+
+
+def price_usd_per_hour(gpu: str, prices: Mapping[str, float] | None = None) -> float:
     """Looks up a GPU's hourly price.
 
     Args:
         gpu: GPU type, case-insensitive (``L4``, ``A10G``, ``A100``, ``H100``).
+        prices: Price table; the design's figures when None.
 
     Returns:
         USD per GPU hour.
@@ -39,10 +62,11 @@ def price_usd_per_hour(gpu: str) -> float:
     Raises:
         ValueError: The GPU type has no price; the message lists the priced ones.
     """
+    table = GPU_PRICE_USD_PER_HOUR if prices is None else prices
     try:
-        return GPU_PRICE_USD_PER_HOUR[gpu.upper()]
+        return table[gpu.upper()]
     except KeyError:
-        raise ValueError(f"no price for GPU type {gpu!r}; priced: {', '.join(GPU_PRICE_USD_PER_HOUR)}") from None
+        raise ValueError(f"no price for GPU type {gpu!r}; priced: {', '.join(table)}") from None
 
 
 def hours_for_budget(budget_usd: float, gpu: str) -> float:
@@ -144,34 +168,43 @@ class BudgetRow:
     bursts_5min_window: int
 
 
-def budget_table(budget_usd: float = DEFAULT_MONTHLY_BUDGET_USD) -> list[BudgetRow]:
+def budget_table(
+    budget_usd: float = DEFAULT_MONTHLY_BUDGET_USD, prices: Mapping[str, float] | None = None
+) -> list[BudgetRow]:
     """Rows of what a budget buys on each GPU, cheapest first.
 
     Args:
         budget_usd: Budget in USD.
+        prices: Price table; the design's figures when None.
 
     Returns:
         One row per priced GPU.
     """
+    if budget_usd < 0:
+        raise ValueError(f"budget_usd must not be negative, got {budget_usd}")
+    table = GPU_PRICE_USD_PER_HOUR if prices is None else prices
+    burst_hours = billed_hours_per_burst(busy_s=60, scaledown_window_s=300)
     rows = []
-    for gpu, price in sorted(GPU_PRICE_USD_PER_HOUR.items(), key=lambda item: item[1]):
-        burst_usd = cost_for_bursts_usd(gpu, 1, busy_s_per_burst=60, scaledown_window_s=300)
+    for gpu, price in sorted(table.items(), key=lambda item: item[1]):
         rows.append(
             BudgetRow(
                 gpu=gpu,
                 usd_per_hour=price,
-                hours=hours_for_budget(budget_usd, gpu),
-                bursts_5min_window=int(budget_usd // burst_usd),
+                hours=budget_usd / price,
+                bursts_5min_window=int(budget_usd // (burst_hours * price)),
             )
         )
     return rows
 
 
-def format_budget_table(budget_usd: float = DEFAULT_MONTHLY_BUDGET_USD) -> str:
+def format_budget_table(
+    budget_usd: float = DEFAULT_MONTHLY_BUDGET_USD, prices: Mapping[str, float] | None = None
+) -> str:
     """Renders :func:`budget_table` as a Markdown table, as the docs show it.
 
     Args:
         budget_usd: Budget in USD.
+        prices: Price table; the design's figures when None.
 
     Returns:
         The table text, ending with a newline.
@@ -180,6 +213,6 @@ def format_budget_table(budget_usd: float = DEFAULT_MONTHLY_BUDGET_USD) -> str:
         f"| GPU | USD/hour | GPU hours for ${budget_usd:g} | cold bursts (5 min window) |",
         "|---|---:|---:|---:|",
     ]
-    for row in budget_table(budget_usd):
+    for row in budget_table(budget_usd, prices):
         lines.append(f"| {row.gpu} | {row.usd_per_hour:.2f} | {row.hours:.1f} | {row.bursts_5min_window} |")
     return "\n".join(lines) + "\n"

@@ -26,6 +26,7 @@ from modal_vllm.pricing import (
     cost_usd,
     format_budget_table,
     hours_for_budget,
+    parse_price_overrides,
 )
 from modal_vllm.settings import (
     APP_NAME,
@@ -388,3 +389,14 @@ def test_budget_table_is_cheapest_first_and_rendered() -> None:
     assert [row.gpu for row in rows] == ["L4", "A10G", "A100", "H100"]
     assert rows[0].hours == pytest.approx(37.5)
     assert "| L4 | 0.80 | 37.5 |" in format_budget_table(30)
+
+
+def test_prices_are_the_designs_figures_unless_overridden() -> None:
+    prices = parse_price_overrides(["l4=1.0", "B200=6.25"])
+
+    assert prices["L4"] == 1.0 and prices["B200"] == 6.25 and prices["H100"] == 4.5
+    assert "| L4 | 1.00 | 30.0 |" in format_budget_table(30, prices)
+    assert "| L4 | 0.80 | 37.5 |" in format_budget_table(30)  # the module's table is unchanged
+    for bad in ("L4", "L4=", "L4=-1", "=2", "L4=nan"):
+        with pytest.raises(ValueError, match="GPU=USD_PER_HOUR"):
+            parse_price_overrides([bad])
