@@ -3,6 +3,7 @@ real fake upstream: normal streams, usage, in-band errors, truncation, HTTP erro
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 
@@ -14,12 +15,23 @@ from service.errors import (
     ProviderAuthError,
     ProviderModelNotFoundError,
     ProviderProtocolError,
+    ProviderTimeoutError,
     ProviderUnavailableError,
 )
 from service.providers.base import ChatMessage, ChatRequest, FinishReason, StreamEnd
 from service.providers.http.openai_wire import SSEDecoder, error_for_status, parse_completion, request_body
 from service.providers.openai_compat import OpenAICompatConfig, OpenAICompatProvider
-from tests.upstreams import EndWithoutFinish, FakeOpenAI, InBandError, MalformedSSE, Ok, ResetAfter, Status
+from tests.rawserver import until
+from tests.upstreams import (
+    EndWithoutFinish,
+    FakeOpenAI,
+    InBandError,
+    MalformedSSE,
+    Ok,
+    ResetAfter,
+    StallBeforeFirstToken,
+    Status,
+)
 
 REQ = ChatRequest(messages=(ChatMessage("user", "hi"),), max_tokens=8)
 
@@ -265,4 +277,52 @@ async def test_health_reports_model_mismatch(upstream: FakeOpenAI) -> None:
         assert not report.ok and report.reachable and "MODAL_MODEL='other'" in report.error
         assert report.served_models == ["m"]
     finally:
+        await p.aclose()
+
+
+@pytest.mark.parametrize(
+    "payload", ["[1, 2]", '"error"', "null", "5", '{"choices": "x"}', '{"choices": [{"delta": 1}]}']
+)
+def test_sse_data_that_is_not_a_chunk_object_is_a_protocol_error(payload: str) -> None:
+    with pytest.raises(ProviderProtocolError, match=r"not a JSON object|unexpected chunk shape"):
+        decode(chunk("a"), f"data: {payload}\n\n", DONE, piece=1)
+
+
+@pytest.mark.parametrize("suffix", ["", "/", "/v1", "/v1/", "/V1"])
+async def test_base_url_with_or_without_v1(upstream: FakeOpenAI, suffix: str, caplog: pytest.LogCaptureFixture) -> None:
+    upstream.reset()
+    upstream.default = Ok(tokens=["a"])
+    caplog.set_level("INFO", logger="service.providers.openai_compat")
+    p = OpenAICompatProvider(OpenAICompatConfig(name="vastai", base_url=upstream.base_url + suffix, model="m"))
+    assert p.endpoint == upstream.base_url
+    assert ("used as" in caplog.text) == ("1" in suffix.lower())
+    await p.start()
+    try:
+        assert isinstance((await collect(p))[-1], StreamEnd)
+        assert (await p.check_health(1.0)).ok
+    finally:
+        await p.aclose()
+
+
+async def test_a_busy_traffic_pool_never_fails_a_probe_and_its_timeout_names_the_pool(upstream: FakeOpenAI) -> None:
+    upstream.reset()
+    upstream.default = StallBeforeFirstToken(5.0)
+    p = OpenAICompatProvider(
+        OpenAICompatConfig(name="vastai", base_url=upstream.base_url, model="m", max_connections=1, pool_timeout_s=0.2)
+    )
+    await p.start()
+    held = p.stream(REQ)
+    first = asyncio.ensure_future(anext(held))
+    try:
+        await until(lambda: bool(upstream.chat_requests))
+        report = await p.check_health(2.0)  # the only traffic connection is busy
+        assert report.ok, report.error
+        with pytest.raises(ProviderUnavailableError, match=r"vastai \(.*\) connection pool exhausted") as info:
+            await collect(p)
+        assert info.value.retryable and not isinstance(info.value, ProviderTimeoutError)
+        assert len(upstream.chat_requests) == 1  # nothing was sent for the call that found the pool full
+    finally:
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await held.aclose()
         await p.aclose()

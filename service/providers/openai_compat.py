@@ -17,14 +17,17 @@ How these upstreams differ from plain OpenAI:
 Text deltas that arrive in the same network read are relayed as one delta (never delayed to
 wait for more), so a fast upstream costs one gRPC message per read rather than per token.
 
-The HTTP client is :mod:`service.providers.http.client`, a small keep-alive HTTP/1.1 client on asyncio
-Protocols (see there for the measurements against httpx and aiohttp). The wire format lives in
-:mod:`service.providers.http.openai_wire` and is tested without I/O.
+The HTTP client is :mod:`service.providers.http.client`, a keep-alive HTTP/1.1 pool on asyncio
+Protocols with llhttp doing the framing (see there for the measurements against httpx and aiohttp);
+it honours HTTP(S)_PROXY/NO_PROXY as httpx does. Calls use one pool; health probes and the model
+list use a small pool of their own, so a busy traffic pool never fails a probe. The wire format
+lives in :mod:`service.providers.http.openai_wire` and is tested without I/O.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +36,7 @@ import orjson
 from opentelemetry import propagate
 
 from service.errors import (
+    ConfigError,
     GatewayError,
     ProviderError,
     ProviderProtocolError,
@@ -50,6 +54,12 @@ from service.providers.http.openai_wire import (
     served_model_ids,
 )
 
+log = logging.getLogger(__name__)
+
+# Health probes and the model list: connections of their own, so a probe never waits behind
+# traffic; none is kept between probes (minutes apart, longer than any keep-alive).
+_PROBE_CONNECTIONS = 2
+
 # After SSE [DONE] the chunked body's terminator normally follows at once; waiting this long for it
 # keeps the connection reusable, and a server that never sends it costs no more than this.
 _DRAIN_AFTER_DONE_S = 0.05
@@ -61,7 +71,8 @@ class OpenAICompatConfig:
 
     Attributes:
         name: Name in the chain.
-        base_url: Scheme, host and port (no ``/v1``).
+        base_url: Scheme, host, port and an optional path prefix; a trailing ``/v1`` is accepted
+            and dropped (request paths carry it).
         model: Default model id.
         model_env_var: The variable that sets ``model``, named in "model not found" errors.
         headers: Extra headers on every request (auth); never logged.
@@ -77,7 +88,16 @@ class OpenAICompatConfig:
     scale_to_zero: bool = False
     connect_timeout_s: float = 3.0
     max_connections: int = 64
+    pool_timeout_s: float = http1.DEFAULT_POOL_TIMEOUT_S
     health_path: str = "/health"
+
+
+def normalise_base_url(url: str) -> str:
+    """``url`` without trailing slashes and without a trailing ``/v1`` (paths add it)."""
+    base = url.rstrip("/")
+    if base.lower().endswith("/v1"):
+        base = base[:-3].rstrip("/")
+    return base
 
 
 def _request_headers() -> dict[str, str] | None:
@@ -95,20 +115,41 @@ class OpenAICompatProvider:
         self.config = config
         self.name = config.name
         self.kind = config.kind
-        self.endpoint = config.base_url.rstrip("/")
+        self.endpoint = normalise_base_url(config.base_url)
+        if self.endpoint != config.base_url.rstrip("/"):
+            log.info("%s: base URL %s used as %s (request paths add /v1)", self.name, config.base_url, self.endpoint)
         self.default_model = config.model
         self.scale_to_zero = config.scale_to_zero
         self._pool: http1.Pool | None = None
+        self._probe_pool: http1.Pool | None = None
 
     async def start(self) -> None:
-        """Creates the connection pool (one per provider, sized to the concurrency limit)."""
-        if self._pool is None:
+        """Creates the connection pools: one for calls (sized to the concurrency limit), a small
+        one for health probes and the model list."""
+        if self._pool is not None:
+            return
+        self.endpoint = normalise_base_url(self.endpoint)  # a subclass may have resolved it since
+        headers = {"content-type": "application/json", **self.config.headers}
+        try:
             self._pool = http1.Pool(
                 self.endpoint,
                 max_connections=self.config.max_connections,
                 connect_timeout_s=self.config.connect_timeout_s,
-                headers={"content-type": "application/json", **self.config.headers},
+                pool_timeout_s=self.config.pool_timeout_s,
+                headers=headers,
             )
+            self._probe_pool = http1.Pool(
+                self.endpoint,
+                max_connections=_PROBE_CONNECTIONS,
+                connect_timeout_s=self.config.connect_timeout_s,
+                pool_timeout_s=self.config.pool_timeout_s,
+                idle_timeout_s=0,
+                headers=headers,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"{self.name}: {exc} (check the URL and HTTP_PROXY/HTTPS_PROXY/ALL_PROXY)") from exc
+        if self._pool.proxy is not None:
+            log.info("%s: %s is reached through the proxy %s", self.name, self.endpoint, self._pool.proxy.url)
 
     @property
     def pool(self) -> http1.Pool:
@@ -116,6 +157,13 @@ class OpenAICompatProvider:
         if self._pool is None:
             raise RuntimeError(f"provider {self.name} used before start()")
         return self._pool
+
+    @property
+    def probe_pool(self) -> http1.Pool:
+        """The health-probe pool; ``start()`` must have run."""
+        if self._probe_pool is None:
+            raise RuntimeError(f"provider {self.name} used before start()")
+        return self._probe_pool
 
     async def _error(self, response: http1.Response, model: str) -> GatewayError:
         body = await response.read()
@@ -138,6 +186,11 @@ class OpenAICompatProvider:
             return ProviderTimeoutError(self.name, f"{self.name} ({self.endpoint}) timed out")
         if isinstance(exc, http1.ProtocolViolation):
             return ProviderProtocolError(self.name, f"{self.name} ({self.endpoint}) broke HTTP: {exc}")
+        if isinstance(exc, http1.PoolTimeout):
+            # Our own pool, not the upstream, was the bottleneck: retryable, and never a timeout.
+            return ProviderUnavailableError(
+                self.name, f"{self.name} ({self.endpoint}) connection pool exhausted: {exc}"
+            )
         if isinstance(exc, http1.ConnectFailed):
             return ProviderUnavailableError(
                 self.name, f"{self.name} ({self.endpoint}) connection failed: {exc}", connect_failed=True
@@ -195,7 +248,7 @@ class OpenAICompatProvider:
     async def _served_models(self) -> list[str]:
         try:
             async with asyncio.timeout(5):
-                response = await self.pool.request("GET", "/v1/models")
+                response = await self.probe_pool.request("GET", "/v1/models")
                 return served_model_ids(await response.read())
         except Exception:  # best effort: the error message is still useful without the list
             return []
@@ -206,7 +259,7 @@ class OpenAICompatProvider:
         try:
             async with asyncio.timeout(timeout_s):
                 for path in (self.config.health_path, "/v1/models"):
-                    response = await self.pool.request("GET", path)
+                    response = await self.probe_pool.request("GET", path)
                     models_body = await response.read()
                     if response.status != 200:
                         return HealthReport(
@@ -237,7 +290,8 @@ class OpenAICompatProvider:
         return HealthReport(True, latency, served)
 
     async def aclose(self) -> None:
-        """Closes the pool."""
-        if self._pool is not None:
-            await self._pool.aclose()
-            self._pool = None
+        """Closes the pools."""
+        for pool in (self._pool, self._probe_pool):
+            if pool is not None:
+                await pool.aclose()
+        self._pool = self._probe_pool = None

@@ -169,28 +169,39 @@ class SSEDecoder:
                     self.provider, f"{self.provider} sent malformed SSE data: {payload[:80]!r}"
                 )
                 break
+            if not isinstance(chunk, dict):
+                self.error = ProviderProtocolError(
+                    self.provider, f"{self.provider} sent SSE data that is not a JSON object: {payload[:80]!r}"
+                )
+                break
             if "error" in chunk:
                 self.error = ProviderProtocolError(
                     self.provider, f"{self.provider} reported an error mid-stream: {error_text(payload)}"
                 )
                 break
-            if not self.id:
-                self.id = chunk.get("id", "")
-                self.model = chunk.get("model") or self.model
-            choices = chunk.get("choices")
-            if choices:
-                choice = choices[0]
-                delta = choice.get("delta")
-                if delta:
-                    text = delta.get("content")
-                    if text:
-                        deltas.append(text)
-                reason = choice.get("finish_reason")
-                if reason:
-                    self.finish = reason
-            usage = chunk.get("usage")
-            if usage:
-                self.usage = Usage(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
+            try:
+                if not self.id:
+                    self.id = chunk.get("id", "")
+                    self.model = chunk.get("model") or self.model
+                choices = chunk.get("choices")
+                if choices:
+                    choice = choices[0]
+                    delta = choice.get("delta")
+                    if delta:
+                        text = delta.get("content")
+                        if text:
+                            deltas.append(text)
+                    reason = choice.get("finish_reason")
+                    if reason:
+                        self.finish = reason
+                usage = chunk.get("usage")
+                if usage:
+                    self.usage = Usage(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
+            except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+                self.error = ProviderProtocolError(
+                    self.provider, f"{self.provider} sent an unexpected chunk shape ({exc!r}): {payload[:80]!r}"
+                )
+                break
         if self.error is not None and not deltas:
             raise self.error
         return deltas
