@@ -159,10 +159,11 @@ class AllProvidersFailedError(GatewayError):
 
     reason = "ALL_PROVIDERS_FAILED"
 
-    def __init__(self, errors: dict[str, GatewayError]) -> None:
+    def __init__(self, errors: dict[str, GatewayError], *, retry_after_s: float | None = None) -> None:
         parts = "; ".join(f"{name}: {err.reason}: {err.message}" for name, err in errors.items())
         super().__init__(f"all providers failed ({parts or 'no provider could be tried'})")
         self.errors = errors
+        self.retry_after_s = retry_after_s  # the longest Retry-After an upstream sent, if any
 
 
 class StreamInterruptedError(GatewayError):

@@ -70,6 +70,7 @@ class Gateway:
         """Starts providers and the server; returns the bound port."""
         self.security.check_bind()
         self.router.monitor.on_change = self._publish_health
+        self.router.on_change = self._publish_health
         await self.router.start()
         pending = max(4096, 4 * self.settings.max_concurrent_requests)
         options = [

@@ -36,6 +36,16 @@ async def test_cold_modal_is_bypassed_while_one_wake_up_runs() -> None:
     modal.default, vast.default = Ok(tokens=MODAL_TOKENS), Ok(tokens=VAST_TOKENS)
     modal.cold_start(not_listening_s=1.0, unavailable_s=1.0)
     running = await start_gateway(chain_settings(modal, vast, health_check_timeout_s=0.3))
+    monitor = running.gateway.router.monitor
+    wake_ups = 0
+    wake_loop = monitor._wake_loop
+
+    async def counted(*args: Any) -> None:
+        nonlocal wake_ups
+        wake_ups += 1
+        await wake_loop(*args)
+
+    monitor._wake_loop = counted  # type: ignore[method-assign]
     try:
         h = modal_health(await running.stub.Health(pb.HealthRequest()))
         assert h.warmth == pb.WARMTH_COLD and h.state == pb.PROVIDER_STATE_UNHEALTHY
@@ -49,7 +59,8 @@ async def test_cold_modal_is_bypassed_while_one_wake_up_runs() -> None:
         assert modal_health(await running.stub.Health(pb.HealthRequest())).warmth == pb.WARMTH_WARMING
 
         await wait_for_warmth(running.stub, pb.WARMTH_WARM)
-        # Exactly one wake-up: the probes Modal saw never overlapped (one waker, not one per caller).
+        # Exactly one wake-up for eight callers, and the probes Modal saw never overlapped.
+        assert wake_ups == 1
         probes = sorted((r for r in modal.requests if r.path == "/health"), key=lambda r: r.received_at)
         assert probes, "the wake-up must have reached Modal"
         for earlier, later in itertools.pairwise(probes):

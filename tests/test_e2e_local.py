@@ -6,8 +6,10 @@ The model is tiny and its answers are weak: these tests assert shape and protoco
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from inference.v1 import inference_pb2 as pb
@@ -51,15 +53,19 @@ async def test_max_tokens_is_respected(local_gateway: RunningGateway) -> None:
 
 
 async def test_concurrent_streams_are_served_in_parallel(local_gateway: RunningGateway) -> None:
-    async def one() -> str:
-        parts = []
-        async for m in local_gateway.stub.ChatStream(pb.ChatStreamRequest(messages=PROMPT, max_tokens=8), timeout=60):
+    async def one() -> tuple[str, float, float]:
+        parts, first = [], 0.0
+        request = pb.ChatStreamRequest(messages=PROMPT, max_tokens=24, temperature=0.0)
+        async for m in local_gateway.stub.ChatStream(request, timeout=60):
             if m.HasField("delta"):
+                first = first or time.monotonic()
                 parts.append(m.delta.text)
-        return "".join(parts)
+        return "".join(parts), first, time.monotonic()
 
-    texts = await asyncio.gather(*(one() for _ in range(4)))
-    assert all(t.strip() for t in texts)
+    results = await asyncio.gather(*(one() for _ in range(4)))
+    assert all(text.strip() for text, _, _ in results)
+    # In parallel, not one after another: every stream had its first token before any stream ended.
+    assert max(first for _, first, _ in results) < min(end for _, _, end in results)
 
 
 async def test_health_lists_the_local_provider(local_gateway: RunningGateway) -> None:
@@ -114,10 +120,25 @@ async def test_leaving_a_stream_early_cancels_the_call(local_gateway: RunningGat
     async with AsyncInferenceClient(local_gateway.target) as client:
         async with client.chat_stream("Write a long story.", max_tokens=400) as stream:
             async for _ in stream:
+                assert await llama_busy_slots(local_gateway) >= 1  # generating while we read
                 break
         assert stream.final is None
+    # Server side: the call ended (its admission slot is free) and llama.cpp stopped generating.
+    deadline = time.monotonic() + 5
+    while local_gateway.gateway.in_flight() or await llama_busy_slots(local_gateway):
+        assert time.monotonic() < deadline, "the abandoned stream kept running on the server"
+        await asyncio.sleep(0.05)
+    async with AsyncInferenceClient(local_gateway.target) as client:
         # The server is still healthy and serving after the cancellation.
         assert (await client.chat("Hi", max_tokens=4)).text is not None
+
+
+async def llama_busy_slots(running: RunningGateway) -> int:
+    """Slots of the embedded llama.cpp server that are generating (its own /slots endpoint)."""
+    endpoint = running.gateway.router.slots[0].provider.endpoint
+    async with httpx.AsyncClient() as http:
+        slots = (await http.get(f"{endpoint}/slots", timeout=5)).json()
+    return sum(1 for s in slots if s.get("is_processing"))
 
 
 async def test_sync_client_library(local_gateway: RunningGateway) -> None:

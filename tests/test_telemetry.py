@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -191,4 +192,30 @@ async def test_access_log_names_the_tenant(otel: Any, caplog: pytest.LogCaptureF
         assert "tok-acme" not in caplog.text
     finally:
         await stop_gateway(running)
+        vast.stop()
+
+
+async def test_the_wake_up_has_a_span_of_its_own(otel: Any) -> None:
+    exporter, _ = otel
+    modal, vast = FakeOpenAI(models=[MODAL_MODEL]).start(), FakeOpenAI(models=[MODAL_MODEL]).start()
+    modal.cold_start(not_listening_s=0.5, unavailable_s=0.0)
+    running = await start_gateway(chain_settings(modal, vast, health_check_timeout_s=0.3))
+    try:
+        exporter.clear()
+        metadata = (("traceparent", TRACEPARENT),)
+        await running.stub.Chat(pb.ChatRequest(messages=MESSAGES, max_tokens=4), metadata=metadata)
+        waker = running.gateway.router.slots[0].waker
+        assert waker is not None
+        await asyncio.wait_for(asyncio.shield(waker), 10)
+        spans = exporter.get_finished_spans()
+        (wake,) = by_name(spans, "wake_up modal")
+        (route,) = by_name(spans, "route ")
+        # Started by the caller's call, but not part of it: its own trace, its own events.
+        assert wake.context.trace_id != route.context.trace_id and wake.parent is None
+        assert "provider_warm" in [e.name for e in wake.events]
+        assert "provider_warm" not in [e.name for s in spans if s is not wake for e in s.events]
+        assert ("wake_up", {"provider": "modal"}) in [(e.name, dict(e.attributes or {})) for e in route.events]
+    finally:
+        await stop_gateway(running)
+        modal.stop()
         vast.stop()

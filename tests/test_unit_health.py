@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from service.routing.health import CircuitBreaker, CircuitState
+from service.providers.base import HealthReport
+from service.routing.health import CircuitBreaker, CircuitState, HealthState, ProviderSlot
 
 
 class Clock:
@@ -56,3 +57,38 @@ def test_success_resets_the_count() -> None:
     cb.record_success()
     cb.record_failure()
     assert cb.state is CircuitState.CLOSED
+
+
+class _Stub:
+    name = "vastai"
+    scale_to_zero = False
+
+
+def _slot(threshold: int) -> ProviderSlot:
+    return ProviderSlot(_Stub(), 0, CircuitBreaker(5, 30), 300.0, failure_threshold=threshold)  # type: ignore[arg-type]
+
+
+def test_one_failed_probe_is_not_a_verdict() -> None:
+    slot = _slot(2)
+    slot.record_report(HealthReport(True, 0.01))
+    slot.record_report(HealthReport(False, 0.01, error="timed out"))
+    assert slot.state is HealthState.HEALTHY and slot.last_error == "timed out"
+    slot.record_report(HealthReport(False, 0.01, error="timed out"))
+    assert slot.state is HealthState.UNHEALTHY
+    slot.record_report(HealthReport(True, 0.01))
+    assert slot.state is HealthState.HEALTHY and slot.consecutive_failures == 0
+
+
+def test_the_start_up_check_is_a_verdict_at_once() -> None:
+    slot = _slot(2)
+    slot.record_report(HealthReport(False, 0.01, error="401"), definitive=True)
+    assert slot.state is HealthState.UNHEALTHY
+
+
+def test_a_call_that_opens_the_circuit_makes_it_unhealthy_and_tells() -> None:
+    slot, changes = _slot(2), []
+    slot.on_change = lambda: changes.append(slot.state)
+    slot.record_success()
+    slot.record_failure("refused credentials", force_open=True, reason="PROVIDER_AUTH")
+    assert slot.state is HealthState.UNHEALTHY and not slot.servable()
+    assert changes == [HealthState.HEALTHY, HealthState.UNHEALTHY]

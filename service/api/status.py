@@ -41,8 +41,14 @@ STATUS_TABLE: list[tuple[type[GatewayError], grpc.StatusCode]] = [
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
 ]
 
-# Seconds a caller should wait before retrying after every provider failed.
+# Seconds a caller should wait before retrying after every provider failed, when no upstream said;
+# an upstream's Retry-After (the longest seen) replaces it, up to the cap.
 ALL_FAILED_RETRY_S = 1.0
+RETRY_INFO_MAX_S = 300.0
+
+
+def _retry_delay_s(hint: float | None) -> float:
+    return ALL_FAILED_RETRY_S if hint is None else min(max(hint, ALL_FAILED_RETRY_S), RETRY_INFO_MAX_S)
 
 
 def code_for(error: GatewayError) -> grpc.StatusCode:
@@ -83,9 +89,11 @@ def to_rpc_status(error: GatewayError) -> status_pb2.Status:
         )
     if isinstance(error, AllProvidersFailedError):
         metadata = {name: err.reason for name, err in error.errors.items()}
-        details.append(_retry_info(ALL_FAILED_RETRY_S))
+        details.append(_retry_info(_retry_delay_s(error.retry_after_s)))
     elif isinstance(error, StreamInterruptedError):
         metadata = {"provider": error.provider, "cause": error.cause.reason, "deltas_sent": str(error.deltas_sent)}
+        hint = error.cause.retry_after_s if isinstance(error.cause, ProviderError) else None
+        details.append(_retry_info(_retry_delay_s(hint)))
     elif isinstance(error, ProviderError):
         metadata = {"provider": error.provider}
     if isinstance(error, ResourceExhaustedError):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from typing import Any
 
 from inference.v1 import inference_pb2 as pb
@@ -38,6 +39,25 @@ _MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]*")
 MAX_SEED = 2**32 - 1
 # A status travels in trailing metadata, which clients cap (8 KiB by default): keep it well inside.
 MAX_VIOLATIONS = 20
+
+
+def shortest_float32(value: float) -> float:
+    """The shortest decimal that is the same float32 as ``value``.
+
+    Proto ``float`` fields arrive widened to double (0.7 -> 0.699999988079071); upstreams should
+    see what the caller wrote (0.7).
+    """
+    if not math.isfinite(value):
+        return value
+    packed = struct.pack("<f", value)
+    for digits in range(1, 10):
+        candidate = float(f"{value:.{digits}g}")
+        try:
+            if struct.pack("<f", candidate) == packed:
+                return candidate
+        except OverflowError:  # rounding up past float32's largest value: try more digits
+            continue
+    return value
 
 
 def _check_messages(request: Any, settings: Settings, bad: list[FieldViolation]) -> list[ChatMessage]:
@@ -77,11 +97,11 @@ def _check_messages(request: Any, settings: Settings, bad: list[FieldViolation])
 def _check_sampling(request: Any, bad: list[FieldViolation]) -> tuple[float | None, float | None]:
     temperature = top_p = None
     if request.HasField("temperature"):
-        temperature = request.temperature
+        temperature = shortest_float32(request.temperature)
         if not (math.isfinite(temperature) and 0.0 <= temperature <= 2.0):
             bad.append(FieldViolation("temperature", f"must be in [0, 2], got {temperature}"))
     if request.HasField("top_p"):
-        top_p = request.top_p
+        top_p = shortest_float32(request.top_p)
         if not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
             bad.append(FieldViolation("top_p", f"must be in (0, 1], got {top_p}"))
     return temperature, top_p

@@ -8,7 +8,11 @@ they raise only :mod:`service.errors` types. Adding a provider is one file plus 
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import enum
+import math
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
@@ -44,14 +48,32 @@ def finish_reason_from_openai(value: str | None) -> FinishReason:
     return _OPENAI_FINISH.get(value, FinishReason.UNSPECIFIED)
 
 
-def retry_after_s(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds form only; dates are ignored)."""
-    if value is None:
+# A Retry-After beyond this is not advice a call can follow (a misconfigured or hostile upstream).
+RETRY_AFTER_ABSURD_S = 86_400.0
+
+
+def retry_after_s(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a Retry-After header: delta-seconds or an HTTP-date (RFC 9110 10.2.3).
+
+    ``nan``, infinities, negative numbers and values over a day are ignored (None); a date in the
+    past means "now" (0). ``now`` (epoch seconds) is for tests.
+    """
+    if value is None or not value.strip():
         return None
+    text = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(text)
     except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # HTTP-dates are GMT
+            when = when.replace(tzinfo=datetime.UTC)
+        seconds = max(0.0, when.timestamp() - (time.time() if now is None else now))
+    if not math.isfinite(seconds) or seconds < 0 or seconds > RETRY_AFTER_ABSURD_S:
         return None
+    return seconds
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ running (and billing) forever.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import logging
 import random
@@ -22,6 +23,7 @@ from opentelemetry import trace
 from service.providers.base import HealthReport, Provider
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("service.routing.health")
 
 
 class HealthState(enum.Enum):
@@ -154,6 +156,10 @@ class ProviderSlot:
     last_reachable: bool = False  # the last probe got an answer (maybe not a healthy one)
     waker: asyncio.Task[None] | None = None
     counters: Counters = field(default_factory=Counters)
+    failure_threshold: int = 1  # consecutive failed probes before UNHEALTHY (HEALTH_FAILURE_THRESHOLD)
+    consecutive_failures: int = 0  # failed probes in a row
+    started: bool = True  # start() succeeded; False while a failed start is retried
+    on_change: Callable[[], None] | None = None  # health verdict changed (grpc.health.v1 follows it)
 
     @property
     def name(self) -> str:
@@ -170,8 +176,26 @@ class ProviderSlot:
         last = max(self.last_traffic_ok or -1e18, self.last_probe_ok or -1e18)
         return Warmth.WARM if now - last < self.scaledown_window_s else Warmth.COLD
 
-    def record_report(self, report: HealthReport) -> None:
-        """Stores a probe's outcome."""
+    def _set_state(self, state: HealthState) -> None:
+        if state is not self.state:
+            self.state = state
+            if self.on_change is not None:
+                self.on_change()
+
+    def _failed(self, message: str, *, definitive: bool) -> None:
+        """One failed probe; UNHEALTHY after ``failure_threshold`` in a row, at once when definitive."""
+        self.consecutive_failures += 1
+        self.last_error = message
+        if definitive or self.consecutive_failures >= self.failure_threshold:
+            self._set_state(HealthState.UNHEALTHY)
+
+    def _succeeded(self) -> None:
+        self.consecutive_failures = 0
+        self.last_error = ""
+        self._set_state(HealthState.HEALTHY)
+
+    def record_report(self, report: HealthReport, *, definitive: bool = False) -> None:
+        """Stores a probe's outcome; ``definitive`` (the start-up check) skips the hysteresis."""
         self.last_check_wall = time.time()
         self.last_latency_s = report.latency_s
         if report.served_models:
@@ -180,27 +204,39 @@ class ProviderSlot:
         if report.reachable:
             self.last_probe_ok = time.monotonic()
         if report.ok:
-            self.state = HealthState.HEALTHY
-            self.last_error = ""
+            self._succeeded()
         else:
-            self.state = HealthState.UNHEALTHY
-            self.last_error = report.error
+            self._failed(report.error, definitive=definitive)
 
     def record_success(self) -> None:
         """A call was served."""
         self.counters.successes += 1
         self.last_traffic_ok = time.monotonic()
-        self.state = HealthState.HEALTHY
-        self.last_error = ""
+        self._succeeded()
         self.breaker.record_success()
 
     def record_failure(self, message: str, *, force_open: bool, reason: str) -> None:
-        """A call failed for a provider reason (not the caller's)."""
+        """A call failed for a provider reason (not the caller's).
+
+        Calls are judged by the circuit breaker (CIRCUIT_FAILURE_THRESHOLD in a row): the call that
+        opens the circuit also makes the provider UNHEALTHY; single failures before that only
+        record the error, so one flaky call never moves traffic away (probes have their own
+        threshold, HEALTH_FAILURE_THRESHOLD).
+        """
         self.counters.failures += 1
         self.last_error = message
         self.breaker.record_failure(force_open=force_open, reason=reason)
         if self.breaker.state is not CircuitState.CLOSED:
-            self.state = HealthState.UNHEALTHY
+            self._set_state(HealthState.UNHEALTHY)
+
+    def servable(self) -> bool:
+        """A call could be served by this provider now (or after a cold start it can trigger)."""
+        if not self.started or self.breaker.state is CircuitState.OPEN:
+            return False
+        if self.state is not HealthState.UNHEALTHY:
+            return True
+        # Asleep, not broken: a scale-to-zero provider that no server answered for can be woken.
+        return self.provider.scale_to_zero and not self.last_reachable
 
 
 class HealthMonitor:
@@ -219,14 +255,16 @@ class HealthMonitor:
         self.on_change = on_change
         self._task: asyncio.Task[None] | None = None
 
-    async def check(self, slot: ProviderSlot) -> None:
+    async def check(self, slot: ProviderSlot, *, definitive: bool = False) -> None:
         """Probes one provider and records the outcome."""
+        if not slot.started:
+            return  # its start-up is being retried; nothing to probe yet
         try:
             report = await slot.provider.check_health(self.timeout_s)
         except Exception as exc:  # a probe must never kill the monitor
             report = HealthReport(False, 0.0, error=f"probe crashed: {type(exc).__name__}: {exc}")
         before = slot.state
-        slot.record_report(report)
+        slot.record_report(report, definitive=definitive)
         if before is not slot.state:
             log.info(
                 "provider %s is %s%s", slot.name, slot.state.value, f" ({slot.last_error})" if slot.last_error else ""
@@ -236,10 +274,18 @@ class HealthMonitor:
         """Starts the one wake-up of a cold provider unless one is running; True if it started."""
         if slot.waker is not None and not slot.waker.done():
             return False
-        slot.waker = asyncio.create_task(self._wake_loop(slot, timeout_s, poll_interval_s), name=f"wake-{slot.name}")
+        # A context of its own: the wake-up outlives the call that triggered it, so its events go on
+        # its own span, never on that caller's (by then ended) span.
+        slot.waker = asyncio.create_task(
+            self._wake_loop(slot, timeout_s, poll_interval_s), name=f"wake-{slot.name}", context=contextvars.Context()
+        )
         return True
 
     async def _wake_loop(self, slot: ProviderSlot, timeout_s: float, poll_interval_s: float) -> None:
+        with _tracer.start_as_current_span(f"wake_up {slot.name}", attributes={"gateway.provider": slot.name}):
+            await self._wake_polls(slot, timeout_s, poll_interval_s)
+
+    async def _wake_polls(self, slot: ProviderSlot, timeout_s: float, poll_interval_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             # On Modal one probe blocks until a replica is up; a stand-in that refuses
@@ -268,7 +314,7 @@ class HealthMonitor:
         """Probes every provider concurrently (at startup, scale-to-zero ones included once)."""
         now = time.monotonic()
         due = [s for s in self.slots if initial or self.should_probe(s, now)]
-        await asyncio.gather(*(self.check(s) for s in due))
+        await asyncio.gather(*(self.check(s, definitive=initial) for s in due))
         if self.on_change is not None:
             await self.on_change()
 

@@ -16,11 +16,10 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from service.config import Settings
 from service.errors import (
@@ -39,7 +38,8 @@ from service.errors import (
 )
 from service.observe.telemetry import AttemptSpan, RouteTrace, RpcStats, current_rpc
 from service.providers.base import ChatRequest, ChatResult, Provider, StreamEnd, StreamItem
-from service.routing.health import CircuitBreaker, CircuitState, HealthMonitor, HealthState, ProviderSlot, Warmth
+from service.routing.health import CircuitBreaker, HealthMonitor, HealthState, ProviderSlot
+from service.routing.planner import Plan, SlotView, Step, plan, serves
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +76,8 @@ class RoutedEnd:
     attempts: tuple[Attempt, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class _Step:
-    slot: ProviderSlot
-    wait_cold: bool  # the provider is cold and this call waits for it to start
-
-
 class Router:
-    """Sends each call along the provider chain."""
+    """Sends each call along the provider chain: asks the planner, then walks the plan."""
 
     def __init__(self, providers: Sequence[Provider], settings: Settings) -> None:
         if not providers:
@@ -92,13 +86,23 @@ class Router:
         window_s = settings.modal_scaledown_window_minutes * 60
         self.slots = [
             ProviderSlot(
-                p, i, CircuitBreaker(settings.circuit_failure_threshold, settings.circuit_cooldown_s), window_s
+                p,
+                i,
+                CircuitBreaker(settings.circuit_failure_threshold, settings.circuit_cooldown_s),
+                window_s,
+                failure_threshold=settings.health_failure_threshold,
             )
             for i, p in enumerate(providers)
         ]
         self.monitor = HealthMonitor(self.slots, settings.health_check_interval_s, settings.health_check_timeout_s)
+        # Called (as a task) when serving() changes because of a call's outcome, so grpc.health.v1
+        # follows what calls see, not only the periodic probe.
+        self.on_change: Callable[[], Coroutine[Any, Any, None]] | None = None
+        self._serving_published: bool | None = None
+        self._restarts: list[asyncio.Task[None]] = []
         for slot in self.slots:
             slot.breaker.on_transition = self._circuit_logger(slot)
+            slot.on_change = self._state_changed
 
     @staticmethod
     def _circuit_logger(slot: ProviderSlot):  # type: ignore[no-untyped-def]
@@ -107,10 +111,49 @@ class Router:
 
         return note
 
-    async def start(self) -> None:
-        """Starts every provider, validates them once, then starts the monitor."""
-        for slot in self.slots:
+    def _state_changed(self) -> None:
+        serving = self.serving()
+        if serving is self._serving_published or self.on_change is None:
+            return
+        self._serving_published = serving
+        try:
+            asyncio.get_running_loop().create_task(self.on_change())
+        except RuntimeError:  # no loop (unit tests of the state alone)
+            pass
+
+    async def _start_provider(self, slot: ProviderSlot) -> bool:
+        try:
             await slot.provider.start()
+        except Exception as exc:
+            slot.started = False
+            slot.state = HealthState.UNHEALTHY
+            slot.last_error = f"start-up failed: {exc}"
+            return False
+        slot.started = True
+        slot.last_error = ""
+        return True
+
+    async def _retry_start(self, slot: ProviderSlot) -> None:
+        """Retries a failed start-up in the background (backoff up to the health interval)."""
+        delay = min(1.0, self.settings.health_check_interval_s)
+        while not await self._start_provider(slot):
+            log.warning("provider %s still cannot start (%s); retrying in %.0f s", slot.name, slot.last_error, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.settings.health_check_interval_s)
+        log.info("provider %s started after a failed start-up", slot.name)
+        await self.monitor.check(slot, definitive=True)
+        self._state_changed()
+
+    async def start(self) -> None:
+        """Starts every provider, validates them once, then starts the monitor.
+
+        One provider failing to start (say, the Modal URL lookup) never stops the gateway: it is
+        listed UNHEALTHY with the reason, its start is retried in the background, the others serve.
+        """
+        for slot in self.slots:
+            if not await self._start_provider(slot):
+                log.error("provider %s could not start: %s; retrying in the background", slot.name, slot.last_error)
+                self._restarts.append(asyncio.create_task(self._retry_start(slot), name=f"start-{slot.name}"))
         await self.monitor.check_all(initial=True)
         for slot in self.slots:
             log.info(
@@ -123,56 +166,51 @@ class Router:
                 slot.state.value,
                 f" ({slot.last_error})" if slot.last_error else "",
             )
+        self._serving_published = self.serving()
         self.monitor.start()
 
     async def aclose(self) -> None:
-        """Stops the monitor, wake-ups and providers."""
+        """Stops the monitor, start-up retries, wake-ups and providers."""
         await self.monitor.stop()
+        for task in self._restarts:
+            task.cancel()
         for slot in self.slots:
             if slot.waker is not None:
                 slot.waker.cancel()
         for slot in self.slots:
-            await slot.provider.aclose()
+            if slot.started:
+                await slot.provider.aclose()
 
     def serving(self) -> bool:
-        """At least one provider is not known to be down."""
-        return any(s.state is not HealthState.UNHEALTHY or s.provider.scale_to_zero for s in self.slots)
+        """A call can be served now: some provider is started, not open-circuited and not known
+        to be down (a scale-to-zero provider that is merely asleep counts: a call can wake it)."""
+        return any(s.servable() for s in self.slots)
 
     # ---- planning -------------------------------------------------------------------------
 
-    def _plan(self, policy: str, trace: RouteTrace) -> list[_Step]:
+    def _plan(self, request: ChatRequest, policy: str, trace: RouteTrace) -> Plan:
         now = time.monotonic()
-        steps: list[_Step] = []
-        skipped: list[ProviderSlot] = []
-        n = len(self.slots)
-        for i, slot in enumerate(self.slots):
-            reason = ""
-            others = n - 1 - i > 0 or bool(steps)
-            warmth = slot.warmth(now)
-            if slot.breaker.state is not CircuitState.CLOSED:
-                if slot.breaker.allow():  # half-open: this call is the probe, whatever the health says
-                    steps.append(_Step(slot, wait_cold=False))
-                    continue
-                reason = "circuit_open"
-            elif slot.state is HealthState.UNHEALTHY and warmth in (Warmth.NOT_APPLICABLE, Warmth.WARM):
-                reason = "unhealthy"  # up but failing: waiting for a cold start will not cure it
-            elif warmth in (Warmth.COLD, Warmth.WARMING):
-                if policy == "wait" or not others:
-                    steps.append(_Step(slot, wait_cold=True))
-                    continue
-                reason = "cold" if warmth is Warmth.COLD else "warming"
-                self._wake(slot, trace)
-            if reason:
-                slot.counters.skips += 1
-                skipped.append(slot)
-                trace.skip(slot.name, reason)
-                continue
-            steps.append(_Step(slot, wait_cold=False))
-        if not steps:
-            # Everything looks down: try it all anyway rather than fail without asking.
-            steps = [_Step(s, wait_cold=s.warmth(now) in (Warmth.COLD, Warmth.WARMING)) for s in skipped]
-            trace.event("last_resort", providers=[s.name for s in skipped])
-        return steps
+        views = [
+            SlotView(
+                name=s.name,
+                circuit=s.breaker.state,
+                health=s.state,
+                warmth=s.warmth(now),
+                reachable=s.last_reachable,
+                started=s.started,
+                serves_model=serves(request.model, s.provider.default_model, s.served_models),
+            )
+            for s in self.slots
+        ]
+        result = plan(views, policy)
+        for name, reason in result.skipped:
+            self.slots[[v.name for v in views].index(name)].counters.skips += 1
+            trace.skip(name, reason)
+        for index in result.wake:
+            self._wake(self.slots[index], trace)
+        if any(step.last_resort for step in result.steps):
+            trace.event("last_resort", providers=[self.slots[s.index].name for s in result.steps if s.last_resort])
+        return result
 
     def _wake(self, slot: ProviderSlot, trace: RouteTrace) -> None:
         """Starts one wake-up for a cold provider, shared by every caller that finds it cold."""
@@ -222,32 +260,43 @@ class Router:
             return ProviderUnavailableError(slot.name, f"{slot.name} did not come up: {slot.last_error}")
         return None
 
-    async def _walk(self, call: _Call) -> AsyncIterator[tuple[_Step, int]]:
-        """Yields (step, try number) in order; stops at the first success recorded in ``call``."""
-        plan = self._plan(call.policy, call.trace)
-        for index, step in enumerate(plan):
+    async def _walk(self, call: _Call, request: ChatRequest) -> AsyncIterator[tuple[ProviderSlot, Step, int]]:
+        """Yields (provider, step, try number) in plan order; stops at the first success in ``call``."""
+        planned = self._plan(request, call.policy, call.trace)
+        if planned.model_unserved:
+            raise self._model_not_found(request)
+        steps = planned.steps
+        for index, step in enumerate(steps):
+            slot = self.slots[step.index]
+            fallback_left = index < len(steps) - 1
+            if step.probe and not slot.breaker.allow():
+                # Another call holds the half-open probe: this call goes elsewhere.
+                call.trace.skip(slot.name, "circuit_probe_in_flight")
+                continue
             if step.wait_cold:
                 started = time.perf_counter()
-                cold_error = await self._await_warm(step.slot, call, fallback_left=index < len(plan) - 1)
+                cold_error = await self._await_warm(slot, call, fallback_left=fallback_left)
                 if cold_error is not None:
-                    call.attempts.append(Attempt(step.slot.name, cold_error, time.perf_counter() - started))
-                    call.errors[step.slot.name] = cold_error
+                    slot.breaker.release_probe()
+                    call.attempts.append(Attempt(slot.name, cold_error, time.perf_counter() - started))
+                    call.errors[slot.name] = cold_error
                     call.last_error = cold_error
-                    call.trace.event("fallback", provider=step.slot.name, reason=cold_error.reason)
+                    call.trace.event("fallback", provider=slot.name, reason=cold_error.reason)
                     continue
             tries = 1 + self.settings.retry_max_retries
             for n in range(tries):
                 remaining = self._remaining(call.deadline)
                 if remaining is not None and remaining < self.settings.min_attempt_time_s:
-                    call.trace.event("deadline_stop", provider=step.slot.name, remaining_s=round(remaining, 3))
+                    slot.breaker.release_probe()
+                    call.trace.event("deadline_stop", provider=slot.name, remaining_s=round(remaining, 3))
                     return
-                yield step, n
+                yield slot, step, n
                 err = call.last_error
                 if err is None:
                     return
                 if not isinstance(err, ProviderError) or not err.retryable or n == tries - 1:
                     break
-                if getattr(err, "connect_failed", False) and index < len(plan) - 1:
+                if getattr(err, "connect_failed", False) and fallback_left:
                     # Nothing is listening: falling back now beats a backoff and a second refusal.
                     break
                 delay = self._backoff_s(n + 1, err)
@@ -255,14 +304,32 @@ class Router:
                 if delay is None or (remaining is not None and remaining < delay + self.settings.min_attempt_time_s):
                     call.trace.event(
                         "no_retry",
-                        provider=step.slot.name,
+                        provider=slot.name,
                         reason="retry_after_too_long" if delay is None else "deadline",
                     )
                     break
-                call.trace.event("retry", provider=step.slot.name, delay_s=round(delay, 3), reason=err.reason)
+                call.trace.event("retry", provider=slot.name, delay_s=round(delay, 3), reason=err.reason)
                 await asyncio.sleep(delay)
             if call.last_error is not None:
-                call.trace.event("fallback", provider=step.slot.name, reason=call.last_error.reason)
+                call.trace.event("fallback", provider=slot.name, reason=call.last_error.reason)
+
+    def _translate(self, call: _Call, slot: ProviderSlot, err: BaseException, *, mid_answer: bool) -> GatewayError:
+        """Lower-level exceptions of one attempt as domain errors (the caller's deadline raises)."""
+        if isinstance(err, TimeoutError):
+            remaining = self._remaining(call.deadline)
+            if remaining is not None and remaining <= _DEADLINE_SLACK_S:
+                # The caller's deadline ran out, not the provider's patience: no verdict on it.
+                slot.breaker.release_probe()
+                raise DeadlineExceededError(f"the call's deadline passed while waiting for {slot.name}") from err
+            if mid_answer:
+                idle = self.settings.stream_idle_timeout_s
+                return ProviderTimeoutError(slot.name, f"{slot.name} sent nothing for {idle:.1f} s mid-answer")
+            return ProviderTimeoutError(slot.name, f"{slot.name} sent no token within {call.budget_s:.1f} s")
+        if isinstance(err, StopAsyncIteration):
+            return ProviderProtocolError(slot.name, f"{slot.name} ended the stream without a final message")
+        if isinstance(err, GatewayError):
+            return err
+        return ProviderError(slot.name, f"{slot.name} failed: {type(err).__name__}: {err}")
 
     def _record(self, call: _Call, slot: ProviderSlot, err: BaseException | None, started: float) -> None:
         """Books one attempt's outcome; raises at once for the caller's own mistakes."""
@@ -273,27 +340,29 @@ class Router:
             call.last_error = None
             call.attempts.append(Attempt(slot.name, None, duration))
             return
-        if isinstance(err, TimeoutError):
-            remaining = self._remaining(call.deadline)
-            if remaining is not None and remaining <= _DEADLINE_SLACK_S:
-                # The caller's deadline ran out, not the provider's patience: no verdict on it.
-                slot.breaker.release_probe()
-                raise DeadlineExceededError(f"the call's deadline passed while waiting for {slot.name}") from err
-            err = ProviderTimeoutError(slot.name, f"{slot.name} sent no token within {call.budget_s:.1f} s")
-        elif isinstance(err, StopAsyncIteration):
-            err = ProviderProtocolError(slot.name, f"{slot.name} ended the stream without a final message")
-        elif not isinstance(err, GatewayError):
-            err = ProviderError(slot.name, f"{slot.name} failed: {type(err).__name__}: {err}")
+        err = self._translate(call, slot, err, mid_answer=False)
         call.attempts.append(Attempt(slot.name, err, duration))
         call.last_error = err
         if isinstance(err, InvalidRequestError):
             slot.breaker.release_probe()
             raise err  # the caller's mistake: no retry, no other provider
+        if isinstance(err, ProviderModelNotFoundError):
+            # The caller's model choice, not a fault of the provider: no breaker, no health verdict.
+            slot.breaker.release_probe()
+            call.errors[slot.name] = err
+            return
         if isinstance(err, ProviderError):
             call.errors[slot.name] = err
             slot.record_failure(err.message, force_open=isinstance(err, ProviderAuthError), reason=err.reason)
         else:
             slot.breaker.release_probe()
+
+    def _model_not_found(self, request: ChatRequest) -> ModelNotFoundError:
+        served = {s.name: s.served_models or [s.provider.default_model] for s in self.slots}
+        return ModelNotFoundError(
+            f"no provider serves model {request.model!r}; served models: {served}. "
+            "Leave model empty to use each provider's default."
+        )
 
     def _exhausted(self, call: _Call, request: ChatRequest) -> GatewayError:
         if not call.errors:
@@ -302,42 +371,36 @@ class Router:
                 f"(at least {self.settings.min_attempt_time_s} s per attempt)"
             )
         if request.model and all(isinstance(e, ProviderModelNotFoundError) for e in call.errors.values()):
-            served = {n: e.served for n, e in call.errors.items() if isinstance(e, ProviderModelNotFoundError)}
-            return ModelNotFoundError(
-                f"no provider serves model {request.model!r}; served models: {served}. "
-                "Leave model empty to use each provider's default."
-            )
-        return AllProvidersFailedError(dict(call.errors))
+            return self._model_not_found(request)
+        hints = [e.retry_after_s for e in call.errors.values() if isinstance(e, ProviderError) and e.retry_after_s]
+        return AllProvidersFailedError(dict(call.errors), retry_after_s=max(hints, default=None))
 
     async def _first(
         self,
         call: _Call,
-        step: _Step,
+        slot: ProviderSlot,
+        step: Step,
         n: int,
         request: ChatRequest,
-        start: Callable[[], Awaitable[T]],
-        cleanup: Callable[[], Awaitable[None]] | None,
-    ) -> tuple[AttemptSpan, T, float] | None:
-        """Runs an attempt up to its first result (a unary answer, or a stream's first item) under
-        the attempt span and budget. Returns (span, value, start time), or None after booking a
-        provider failure; a caller mistake or a cancellation propagates."""
-        slot = step.slot
-        call.budget_s = self._attempt_budget(call.deadline, first_token=call.streaming)
+        gen: AsyncGenerator[StreamItem, None],
+    ) -> tuple[AttemptSpan, StreamItem, float] | None:
+        """Runs an attempt up to its stream's first item under the attempt span and the first-token
+        budget. Returns (span, item, start time), or None after booking a provider failure (the
+        stream is closed); a caller mistake or a cancellation propagates."""
+        call.budget_s = self._attempt_budget(call.deadline, first_token=True)
         started = time.perf_counter()
         span = call.trace.attempt(slot.provider, request, n, step.wait_cold)
         try:
             with span.current():
                 async with asyncio.timeout(call.budget_s):
-                    value = await start()
+                    value = await anext(gen)
         except asyncio.CancelledError:
-            if cleanup is not None:
-                await cleanup()
+            await gen.aclose()
             slot.breaker.release_probe()
             span.end()
             raise
         except Exception as exc:
-            if cleanup is not None:
-                await cleanup()
+            await gen.aclose()
             self._add_upstream(call, started)
             try:
                 self._record(call, slot, exc, started)
@@ -359,22 +422,53 @@ class Router:
         policy = policy or self.settings.cold_start_policy
         return _Call(
             stats=current_rpc.get(),
-            streaming=rpc == "ChatStream",
             deadline=deadline,
             policy=policy,
             trace=RouteTrace(rpc, request, [s.name for s in self.slots], policy),
         )
 
     async def chat(self, request: ChatRequest, deadline: float | None = None, policy: str | None = None) -> Routed:
-        """Serves a unary call; ``deadline`` is a ``time.monotonic()`` instant."""
+        """Serves a unary call; ``deadline`` is a ``time.monotonic()`` instant.
+
+        Served over the provider's stream and assembled here, so the first-token timeout, the idle
+        timeout and cancellation work as for ChatStream. The caller has seen nothing until the
+        answer is whole, so a failure part-way is invisible: the partial answer is dropped and the
+        call retries or falls back like a failure before the first token (nothing is spliced).
+        """
         call = self._call(request, deadline, policy, "Chat")
+        idle_s = self.settings.stream_idle_timeout_s
+        loop = asyncio.get_running_loop()
         with call.trace.scope():
-            async for step, n in self._walk(call):
-                slot = step.slot
-                got = await self._first(call, step, n, request, partial(slot.provider.chat, request), None)
+            async for slot, step, n in self._walk(call, request):
+                gen = slot.provider.stream(request)
+                got = await self._first(call, slot, step, n, request, gen)
                 if got is None:
                     continue
-                span, result, started = got
+                span, item, started = got
+                span.first_chunk()
+                parts: list[str] = []
+                waited = time.perf_counter()
+                try:
+                    async with aclosing(gen) as events, asyncio.timeout(None) as idle:
+                        while not isinstance(item, StreamEnd):
+                            parts.append(item)
+                            idle.reschedule(loop.time() + idle_s)
+                            item = await anext(events)
+                except asyncio.CancelledError:
+                    slot.breaker.release_probe()
+                    span.end()
+                    raise
+                except Exception as exc:
+                    self._add_upstream(call, waited)
+                    err = self._translate(call, slot, exc, mid_answer=True)
+                    try:
+                        self._record(call, slot, err, started)
+                    finally:
+                        span.failed(call.last_error)
+                        span.end()
+                    continue
+                self._add_upstream(call, waited)
+                result = ChatResult(item.id, item.model, "".join(parts), item.finish_reason, item.usage)
                 self._record(call, slot, None, started)
                 span.succeeded(result.id, result.model, result.finish_reason.value, result.usage)
                 span.end()
@@ -397,10 +491,9 @@ class Router:
         upstream_s = 0.0  # time awaiting the provider mid-stream; the rest of the call is the gateway's
         with call.trace.scope():
             serving: tuple[ProviderSlot, AsyncGenerator[StreamItem, None], StreamItem] | None = None
-            async for step, n in self._walk(call):
-                slot = step.slot
+            async for slot, step, n in self._walk(call, request):
                 gen = slot.provider.stream(request)
-                got = await self._first(call, step, n, request, partial(anext, gen), gen.aclose)
+                got = await self._first(call, slot, step, n, request, gen)
                 if got is None:
                     continue
                 span, first, started = got
@@ -436,17 +529,12 @@ class Router:
                 slot.breaker.release_probe()  # the caller went away: no verdict on the provider
                 raise
             except Exception as exc:
-                cause: GatewayError
-                if isinstance(exc, TimeoutError):
-                    cause = ProviderTimeoutError(slot.name, f"{slot.name} sent nothing for {idle_s:.1f} s mid-stream")
-                elif isinstance(exc, StopAsyncIteration):
-                    cause = ProviderProtocolError(slot.name, f"{slot.name} ended the stream without a final message")
-                elif isinstance(exc, GatewayError):
-                    cause = exc
-                else:
-                    cause = ProviderError(slot.name, f"{slot.name} failed mid-stream: {type(exc).__name__}: {exc}")
+                if isinstance(exc, DeadlineExceededError):
+                    raise
+                cause = self._translate(call, slot, exc, mid_answer=True)
                 slot.counters.attempts += 1
-                slot.record_failure(cause.message, force_open=False, reason=cause.reason)
+                if isinstance(cause, ProviderError):
+                    slot.record_failure(cause.message, force_open=False, reason=cause.reason)
                 err = StreamInterruptedError(slot.name, cause, sent)
                 span.failed(cause)
                 call.trace.failed(err)
@@ -469,7 +557,6 @@ class _Call:
     last_error: GatewayError | None = None
     budget_s: float = 0.0
     stats: RpcStats | None = None
-    streaming: bool = False
 
     def served(self, provider: str, prompt_tokens: int, completion_tokens: int) -> None:
         """Fills the RPC's stats for the access log."""

@@ -69,6 +69,12 @@ class FakeOpenAI(FakeUpstream):
         self.api_key = api_key
         self.required_headers = {k.lower(): v for k, v in (required_headers or {}).items()}
         self.running = 0
+        self.health_status = 200  # what GET /health answers (a probe can fail while chat works)
+
+    def reset(self) -> None:
+        """Also puts /health back to 200."""
+        super().reset()
+        self.health_status = 200
 
     # -- routing -----------------------------------------------------------------------
 
@@ -80,7 +86,7 @@ class FakeOpenAI(FakeUpstream):
             return
         route = (rec.method, rec.path)
         if route == ("GET", "/health"):
-            await ex.respond(200, b"", "application/json")
+            await ex.respond(self.health_status, b"", "application/json")
             return
         if route == ("GET", "/metrics"):
             await ex.respond(200, self._metrics(), "text/plain; version=0.0.4")
