@@ -136,7 +136,7 @@ def _stats_call(env: Mapping[str, str], source: StatsSource | None) -> Callable[
 def _stats_error(exc: Exception, env: Mapping[str, str]) -> ModalApiError:
     if isinstance(exc, ModalApiError):
         return exc
-    detail = scrub(f"{type(exc).__name__}: {exc}", [env.get("MODAL_TOKEN_SECRET", "")])
+    detail = scrub(f"{type(exc).__name__}: {exc}", [env.get("MODAL_TOKEN_SECRET", ""), env.get("MODAL_TOKEN_ID", "")])
     return ModalApiError(
         f"could not read the container count of Modal app {APP_NAME!r} function {FUNCTION_NAME!r} "
         f"({detail}); check MODAL_TOKEN_ID/MODAL_TOKEN_SECRET and that the app is deployed ({DEPLOY_HINT})"

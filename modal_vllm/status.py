@@ -397,7 +397,7 @@ def _from_looked_up(url: str | None) -> ResolvedEndpoint:
 
 
 def _lookup_error(exc: Exception, env: Mapping[str, str]) -> EndpointLookupError:
-    detail = scrub(f"{type(exc).__name__}: {exc}", [env.get("MODAL_TOKEN_SECRET", "")])
+    detail = scrub(f"{type(exc).__name__}: {exc}", [env.get("MODAL_TOKEN_SECRET", ""), env.get("MODAL_TOKEN_ID", "")])
     return EndpointLookupError(
         f"Could not look up the web URL of Modal app {APP_NAME!r} function {FUNCTION_NAME!r} "
         f"with MODAL_TOKEN_ID/MODAL_TOKEN_SECRET ({detail}); check the tokens and that the app "

@@ -42,6 +42,10 @@ def _upper(value: Any) -> Any:
     return value.strip().upper() if isinstance(value, str) else value
 
 
+def _lower(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
 def _listen_address(value: str) -> str:
     """host:port with a numeric port in range, [v6]:port, or unix:/path (grpc's own forms)."""
     if value.startswith(("unix:", "unix-abstract:")):
@@ -57,6 +61,7 @@ Providers = Annotated[
 ]
 ListenAddress = Annotated[str, AfterValidator(_listen_address)]
 LogLevel = Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(_upper)]
+ModalValidateMode = Annotated[Literal["stats", "probe", "off"], BeforeValidator(_lower)]
 Secret = Annotated[str, Field(repr=False)]
 
 # Settings.from_env passes its mapping to the source through this (pydantic-settings reads os.environ).
@@ -90,6 +95,7 @@ class Settings(BaseSettings):
     modal_proxy_token_secret: Secret = ""
     modal_vllm_api_key: Secret = ""
     modal_scaledown_window_minutes: Seconds = 5.0
+    modal_validate_on_start: ModalValidateMode | None = None  # None: stats with a Modal API token, else off
     # legacy vLLM host
     vastai_vllm_url: str = ""
     vastai_api_key: Secret = ""
@@ -203,6 +209,11 @@ class Settings(BaseSettings):
             problems.append("TLS_CERT_FILE and TLS_KEY_FILE must be set together")
         if self.tls_client_ca_file and not self.tls_cert_file:
             problems.append("TLS_CLIENT_CA_FILE (mutual TLS) needs TLS_CERT_FILE and TLS_KEY_FILE")
+        if self.modal_validate_on_start == "stats" and not (self.modal_token_id and self.modal_token_secret):
+            problems.append(
+                "MODAL_VALIDATE_ON_START=stats reads Modal's container count, which needs MODAL_TOKEN_ID and "
+                "MODAL_TOKEN_SECRET; set them, or choose probe (wakes the GPU) or off"
+            )
         if len(set(self.provider_order)) != len(self.provider_order):
             problems.append(f"PROVIDER_ORDER names a provider twice: {','.join(self.provider_order)}")
         if problems:
@@ -252,10 +263,20 @@ ENV_DOCS: list[tuple[str, str, str]] = [
     ),
     ("MODAL_WEB_URL", "", "base URL of the Modal vLLM endpoint (modal deploy prints it)"),
     ("MODAL_MODEL", "Qwen/Qwen2.5-7B-Instruct", "model served by the Modal deployment"),
-    ("MODAL_TOKEN_ID / MODAL_TOKEN_SECRET", "", "Modal API token; used to look up the URL when MODAL_WEB_URL is unset"),
+    (
+        "MODAL_TOKEN_ID / MODAL_TOKEN_SECRET",
+        "",
+        "Modal API token: reads the container count without waking the GPU; "
+        "looks up the URL when MODAL_WEB_URL is unset",
+    ),
     ("MODAL_PROXY_TOKEN_ID / MODAL_PROXY_TOKEN_SECRET", "", "Modal proxy-auth token sent as Modal-Key / Modal-Secret"),
     ("MODAL_VLLM_API_KEY", "", "vLLM --api-key of the deployment, sent as a bearer token"),
     ("MODAL_SCALEDOWN_WINDOW_MINUTES", "5", "idle minutes before Modal scales to zero; a success within it means warm"),
+    (
+        "MODAL_VALIDATE_ON_START",
+        "stats with a Modal API token, else off",
+        "startup check of Modal: stats (container count, wakes nothing), probe (/health: wakes the GPU), off",
+    ),
     ("VASTAI_VLLM_URL", "", "base URL of the legacy OpenAI-compatible vLLM host"),
     ("VASTAI_API_KEY", "", "bearer token for the legacy host"),
     ("VASTAI_MODEL", "Qwen/Qwen2.5-7B-Instruct", "model served by the legacy host"),

@@ -31,7 +31,9 @@ def chain_settings(modal: Any = None, vast: Any = None, anthropic: Any = None, *
         "connect_timeout_s": 1.0,
     }
     if modal is not None:
-        values |= {"modal_web_url": modal.base_url, "modal_model": MODAL_MODEL}
+        # These tests start from a Modal stand-in that was asked at startup (its /health wakes
+        # nothing); the real default without a Modal API token is not to ask (see test_modal_provider).
+        values |= {"modal_web_url": modal.base_url, "modal_model": MODAL_MODEL, "modal_validate_on_start": "probe"}
     if vast is not None:
         values |= {"vastai_vllm_url": vast.base_url, "vastai_model": MODAL_MODEL}
     if anthropic is not None:

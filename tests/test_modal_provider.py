@@ -16,6 +16,7 @@ import pytest
 from inference.v1 import inference_pb2 as pb
 
 from modal_vllm.sdk import FunctionStats
+from service.config import Settings
 from service.errors import ConfigError
 from service.providers.modal import COLD_REASON, ModalProvider, validate_mode
 from service.providers.registry import FACTORIES
@@ -24,6 +25,11 @@ from tests.routing_helpers import MODAL_MODEL, call, chain_settings
 from tests.upstreams import FakeOpenAI, Ok
 
 TOKENS = {"modal_token_id": "ak-test", "modal_token_secret": "as-secret-test-77"}
+
+
+def modal_settings(modal: FakeOpenAI | None = None, vast: FakeOpenAI | None = None, **overrides: Any) -> Any:
+    """Routing-test settings, but with MODAL_VALIDATE_ON_START left at its real default."""
+    return chain_settings(modal, vast, **{"modal_validate_on_start": None, **overrides})
 
 
 class FakeStats:
@@ -52,7 +58,7 @@ def modal() -> Iterator[FakeOpenAI]:
 
 
 def _provider(modal: FakeOpenAI, stats: FakeStats, **settings: Any) -> ModalProvider:
-    return ModalProvider(chain_settings(modal, **settings), stats_source=stats)
+    return ModalProvider(modal_settings(modal, **settings), stats_source=stats)
 
 
 async def test_startup_check_at_zero_containers_sends_nothing_to_the_gpu(modal: FakeOpenAI) -> None:
@@ -129,7 +135,7 @@ async def test_validate_off_asks_nothing_at_startup_then_probes_without_tokens(m
 
 async def test_validate_probe_wakes_at_startup_then_uses_stats(modal: FakeOpenAI) -> None:
     stats = FakeStats(containers=0)
-    provider = ModalProvider(chain_settings(modal, **TOKENS), stats_source=stats, validate_on_start="probe")
+    provider = ModalProvider(modal_settings(modal, **TOKENS), stats_source=stats, validate_on_start="probe")
     await provider.start()
     try:
         assert (await provider.check_health(2.0)).ok
@@ -141,8 +147,16 @@ async def test_validate_probe_wakes_at_startup_then_uses_stats(modal: FakeOpenAI
 
 
 def test_validate_mode_defaults_and_errors(modal: FakeOpenAI) -> None:
-    assert validate_mode(chain_settings(modal, **TOKENS)) == "stats"
-    assert validate_mode(chain_settings(modal)) == "off"
+    assert validate_mode(modal_settings(modal, **TOKENS)) == "stats"
+    assert validate_mode(modal_settings(modal)) == "off"
+    assert validate_mode(modal_settings(modal, modal_validate_on_start="probe")) == "probe"
+    assert Settings.from_env({"MODAL_VALIDATE_ON_START": " Probe "}).modal_validate_on_start == "probe"
+    with pytest.raises(
+        ConfigError, match=r"MODAL_VALIDATE_ON_START=stats .* needs MODAL_TOKEN_ID and MODAL_TOKEN_SECRET"
+    ):
+        Settings.from_env({"MODAL_VALIDATE_ON_START": "stats"})
+    with pytest.raises(ConfigError, match="MODAL_VALIDATE_ON_START='sometimes'"):
+        Settings.from_env({"MODAL_VALIDATE_ON_START": "sometimes"})
 
 
 async def test_failed_url_lookup_says_what_to_set(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -150,7 +164,7 @@ async def test_failed_url_lookup_says_what_to_set(monkeypatch: pytest.MonkeyPatc
         raise RuntimeError(f"UNAUTHENTICATED: token {env['MODAL_TOKEN_SECRET']} is invalid")
 
     monkeypatch.setattr("modal_vllm.status.modal_sdk_web_url", refuse)
-    provider = ModalProvider(chain_settings(modal_model=MODAL_MODEL, **TOKENS), stats_source=FakeStats())
+    provider = ModalProvider(modal_settings(modal_model=MODAL_MODEL, **TOKENS), stats_source=FakeStats())
     with pytest.raises(ConfigError) as info:
         await provider.start()
     message = str(info.value)
@@ -158,24 +172,8 @@ async def test_failed_url_lookup_says_what_to_set(monkeypatch: pytest.MonkeyPatc
     assert "as-secret-test-77" not in message
 
 
-def test_stats_without_tokens_is_a_config_error(modal: FakeOpenAI) -> None:
-    class WithMode:
-        """Settings as they will look once service/config.py declares MODAL_VALIDATE_ON_START."""
-
-        def __init__(self, base: Any, mode: str) -> None:
-            self._base, self.modal_validate_on_start = base, mode
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._base, name)
-
-    with pytest.raises(ConfigError, match="needs MODAL_TOKEN_ID and MODAL_TOKEN_SECRET"):
-        validate_mode(WithMode(chain_settings(modal), "stats"))  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="one of stats, probe, off"):
-        validate_mode(WithMode(chain_settings(modal), "sometimes"))  # type: ignore[arg-type]
-
-
 async def _gateway_with_cold_modal(modal: FakeOpenAI, vast: FakeOpenAI, stats: FakeStats) -> Any:
-    settings = chain_settings(modal, vast, health_check_timeout_s=2.0, **TOKENS)
+    settings = modal_settings(modal, vast, health_check_timeout_s=2.0, **TOKENS)
     providers = [ModalProvider(settings, stats_source=stats), FACTORIES["vastai"].build(settings)]
     return await start_gateway(settings, providers)
 

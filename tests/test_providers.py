@@ -10,6 +10,7 @@ import grpc
 import pytest
 from inference.v1 import inference_pb2 as pb
 
+from modal_vllm.sdk import FunctionStats
 from service.config import Settings
 from service.errors import ConfigError
 from service.providers.anthropic import LEADING_USER_TURN, finish_reason, to_anthropic
@@ -115,6 +116,8 @@ async def test_modal_url_is_looked_up_when_only_a_token_is_set(monkeypatch: pyte
         return status.ResolvedEndpoint(url=modal.base_url, source="modal-sdk")
 
     monkeypatch.setattr(status, "resolve_endpoint_async", fake_resolve)
+    # With a token the provider reads Modal's container count: one runs (never the real API in tests).
+    monkeypatch.setattr("modal_vllm.sdk.modal_sdk_stats", lambda app, function, env: FunctionStats(1, 0))
     settings = chain_settings(modal_token_id="ak-1", modal_token_secret="as-2")
     running = await start_gateway(settings)
     try:

@@ -100,6 +100,10 @@ def service(upstreams: dict[str, Any], tmp_path_factory: pytest.TempPathFactory)
             "GRPC_LISTEN_ADDRESS": f"127.0.0.1:{port}",
             "PROVIDER_ORDER": "modal,anthropic,vastai",
             "MODAL_WEB_URL": upstreams["modal"].base_url,
+            # The Modal API token is live (container counts): keep the SDK on a closed loopback port,
+            # and probe the stand-in at startup so the proxy token is really sent.
+            "MODAL_SERVER_URL": f"http://127.0.0.1:{free_port()}",
+            "MODAL_VALIDATE_ON_START": "probe",
             "ANTHROPIC_BASE_URL": upstreams["anthropic"].base_url,
             "VASTAI_VLLM_URL": upstreams["vast"].base_url,
             "LOG_LEVEL": "DEBUG",

@@ -28,8 +28,9 @@ import os
 import time
 from typing import Literal
 
+from modal_vllm import status as modal_status
 from modal_vllm.sdk import ModalApiError, StatsSource, read_stats_async
-from modal_vllm.status import EndpointStatus, probe_endpoint, resolve_endpoint_async
+from modal_vllm.status import EndpointStatus, probe_endpoint
 from service.config import Settings
 from service.errors import ConfigError
 from service.providers.base import HealthReport
@@ -38,7 +39,6 @@ from service.providers.openai_compat import OpenAICompatConfig, OpenAICompatProv
 log = logging.getLogger(__name__)
 
 ValidateMode = Literal["stats", "probe", "off"]
-VALIDATE_MODES: tuple[ValidateMode, ...] = ("stats", "probe", "off")
 
 COLD_REASON = "cold (0 containers)"
 """How a health report starts when Modal's API counts no running container."""
@@ -56,20 +56,13 @@ def modal_headers(settings: Settings) -> dict[str, str]:
 
 
 def validate_mode(settings: Settings) -> ValidateMode:
-    """``MODAL_VALIDATE_ON_START``, defaulting to ``stats`` with a Modal API token, else ``off``."""
-    has_tokens = bool(settings.modal_token_id and settings.modal_token_secret)
-    # Read defensively until service/config.py declares the setting.
-    configured = str(getattr(settings, "modal_validate_on_start", "") or "").strip().lower()
-    if not configured:
-        return "stats" if has_tokens else "off"
-    if configured not in VALIDATE_MODES:
-        raise ConfigError(f"MODAL_VALIDATE_ON_START must be one of {', '.join(VALIDATE_MODES)}, got {configured!r}")
-    if configured == "stats" and not has_tokens:
-        raise ConfigError(
-            "MODAL_VALIDATE_ON_START=stats reads Modal's container count, which needs MODAL_TOKEN_ID and "
-            "MODAL_TOKEN_SECRET; set them, or choose probe (wakes the GPU) or off"
-        )
-    return configured
+    """``MODAL_VALIDATE_ON_START``, defaulting to ``stats`` with a Modal API token, else ``off``.
+
+    (Settings has already refused ``stats`` without a token.)
+    """
+    if settings.modal_validate_on_start is not None:
+        return settings.modal_validate_on_start
+    return "stats" if settings.modal_token_id and settings.modal_token_secret else "off"
 
 
 class ModalProvider(OpenAICompatProvider):
@@ -121,7 +114,8 @@ class ModalProvider(OpenAICompatProvider):
         """
         if not self._settings.modal_web_url:
             try:
-                resolved = await resolve_endpoint_async(self._modal_env())
+                # Looked up through the module so tests can replace it.
+                resolved = await modal_status.resolve_endpoint_async(self._modal_env())
             except Exception as exc:
                 raise ConfigError(
                     f"Modal endpoint lookup failed: {exc}. To fix: set MODAL_WEB_URL to the URL "
