@@ -131,6 +131,7 @@ class Settings(BaseSettings):
     min_attempt_time_s: NonNegativeSeconds = 0.2
     circuit_failure_threshold: PositiveInt = 5
     circuit_cooldown_s: Seconds = 30.0
+    models_file: str = ""
     cold_start_policy: Literal["fallback", "wait"] = "fallback"
     cold_start_timeout_s: Seconds = 600.0
     wake_poll_interval_s: Seconds = 2.0
@@ -313,6 +314,7 @@ ENV_DOCS: list[tuple[str, str, str]] = [
         "fallback: serve cold-Modal calls elsewhere while one "
         "wake-up runs; wait: wait for the cold start within the deadline",
     ),
+    ("MODELS_FILE", "", "TOML model catalogue: names mapped to each provider's model id (docs/agents.md)"),
     ("COLD_START_TIMEOUT_S", "600", "how long a wake-up keeps polling a cold provider"),
     ("WAKE_POLL_INTERVAL_S", "2", "pause between wake-up health polls"),
     ("SHUTDOWN_GRACE_S", "10", "seconds in-flight calls get to finish on SIGTERM"),

@@ -16,7 +16,8 @@ never import gRPC.
     │   ├── ProviderTimeoutError         no first token / stalled stream in time
     │   ├── ProviderProtocolError        malformed SSE, in-band error, truncated stream
     │   ├── ProviderAuthError            the gateway's credentials were refused (opens the circuit)
-    │   └── ProviderModelNotFoundError   this upstream does not serve the model
+    │   ├── ProviderModelNotFoundError   this upstream does not serve the model
+    │   └── SchemaViolationError         the answer does not fit the caller's response_format
     ├── AllProvidersFailedError      every provider in the chain failed; carries {provider: error}
     ├── StreamInterruptedError       the upstream failed after tokens were sent; never spliced
     ├── ResourceExhaustedError       admission control or rate limit; carries retry_after_s
@@ -217,3 +218,15 @@ class PermissionDeniedError(GatewayError):
 
 class ConfigError(ValueError):
     """A configuration value is missing or malformed; the message names the variable."""
+
+
+class SchemaViolationError(ProviderError):
+    """The provider's answer does not fit the caller's ``response_format``.
+
+    For Chat it is that provider's failure and the call falls back (never retried on the same
+    provider, never counted against its health: the model answered, just not as asked). For
+    ChatStream, where text already reached the caller, it ends the stream (UNAVAILABLE).
+    """
+
+    reason = "SCHEMA_VIOLATION"
+    retryable = False

@@ -26,6 +26,7 @@ class CannedProvider:
     endpoint = "http://fake.invalid"
     default_model = "canned-model"
     scale_to_zero = False
+    image_input = True
 
     def __init__(
         self,

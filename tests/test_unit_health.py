@@ -62,6 +62,7 @@ def test_success_resets_the_count() -> None:
 class _Stub:
     name = "vastai"
     scale_to_zero = False
+    image_input = True
 
 
 def _slot(threshold: int) -> ProviderSlot:

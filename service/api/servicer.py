@@ -22,7 +22,7 @@ from service.config import Settings
 from service.errors import GatewayError
 from service.guard.redaction import redact
 from service.observe import metrics
-from service.providers.base import FinishReason, Usage
+from service.providers.base import FinishReason, ToolCall, ToolCallDelta, Usage
 from service.routing.health import CircuitState, HealthState, ProviderSlot, Warmth
 from service.routing.router import Attempt, RoutedEnd, Router
 
@@ -74,6 +74,18 @@ def _attempts(attempts: tuple[Attempt, ...]) -> list[pb.Attempt]:
     ]
 
 
+def _assistant(text: str, calls: tuple[ToolCall, ...]) -> pb.Message:
+    return pb.Message(
+        role=pb.ROLE_ASSISTANT,
+        content=text,
+        tool_calls=[pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in calls],
+    )
+
+
+def _tool_call_delta(d: ToolCallDelta) -> pb.ToolCallDelta:
+    return pb.ToolCallDelta(index=d.index, id=d.id, name=d.name, arguments=d.arguments)
+
+
 def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
@@ -121,7 +133,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
         return pb.ChatResponse(
             id=r.id,
             model=r.model,
-            message=pb.Message(role=pb.ROLE_ASSISTANT, content=r.content),
+            message=_assistant(r.content, r.tool_calls),
             finish_reason=_FINISH[r.finish_reason],
             usage=_usage(r.usage),
             provider=routed.provider,
@@ -143,8 +155,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
         try:
             async with aclosing(self.router.stream(domain, _deadline(context), policy)) as events:
                 async for item in events:
-                    if type(item) is str:
+                    if isinstance(item, str):
                         yield Response(delta=Delta(text=item))
+                    elif isinstance(item, ToolCallDelta):
+                        yield Response(delta=Delta(tool_calls=[_tool_call_delta(item)]))
                     else:
                         assert isinstance(item, RoutedEnd)
                         end = item.end
@@ -156,6 +170,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
                                 usage=_usage(end.usage),
                                 provider=item.provider,
                                 attempts=_attempts(item.attempts),
+                                message=_assistant(item.text, item.tool_calls),
                             )
                         )
         except GatewayError as exc:
@@ -195,4 +210,15 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
             out.append(status)
         return pb.GetProviderStatusResponse(
             providers=out, in_flight=self._in_flight(), max_concurrent_requests=self.settings.max_concurrent_requests
+        )
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListModelsResponse:
+        """The model catalogue: each name a request may use, and the provider model ids behind it."""
+        return pb.ListModelsResponse(
+            models=[
+                pb.CatalogModel(name=e.name, routes=[pb.ModelRoute(provider=p, model=m) for p, m in e.routes])
+                for e in self.router.catalogue.ordered()
+            ]
         )

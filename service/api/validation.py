@@ -19,11 +19,17 @@ from typing import Any
 
 from inference.v1 import inference_pb2 as pb
 
+from service.api import agent_fields
 from service.config import Settings
 from service.errors import FieldViolation, InvalidRequestError
 from service.providers.base import ChatMessage, ChatRequest, Role
 
-_ROLES: dict[int, Role] = {pb.ROLE_SYSTEM: "system", pb.ROLE_USER: "user", pb.ROLE_ASSISTANT: "assistant"}
+_ROLES: dict[int, Role] = {
+    pb.ROLE_SYSTEM: "system",
+    pb.ROLE_USER: "user",
+    pb.ROLE_ASSISTANT: "assistant",
+    pb.ROLE_TOOL: "tool",
+}
 _POLICIES = {
     pb.COLD_START_POLICY_UNSPECIFIED: None,
     pb.COLD_START_POLICY_FALLBACK: "fallback",
@@ -69,26 +75,48 @@ def _check_messages(request: Any, settings: Settings, bad: list[FieldViolation])
     if count > settings.max_messages:
         bad.append(FieldViolation("messages", f"at most {settings.max_messages} messages are allowed, got {count}"))
         return messages
+    call_ids: set[str] = set()
     for i, m in enumerate(request.messages):
         role = _ROLES.get(m.role)
         if role is None:
             name = pb.Role.Name(m.role) if m.role in pb.Role.values() else str(m.role)
             bad.append(
-                FieldViolation(f"messages[{i}].role", f"must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT, got {name}")
+                FieldViolation(
+                    f"messages[{i}].role", f"must be ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL, got {name}"
+                )
             )
         content = m.content
+        message_parts = agent_fields.parts(m, i, role or "", bad) if m.parts else ()
+        calls = agent_fields.tool_calls(m, i, bad) if m.tool_calls else ()
+        if m.tool_calls and role != "assistant":
+            bad.append(FieldViolation(f"messages[{i}].tool_calls", "only ROLE_ASSISTANT messages carry tool calls"))
+        call_ids.update(c.id for c in calls)
+        if role == "tool":
+            if not m.tool_call_id:
+                bad.append(
+                    FieldViolation(f"messages[{i}].tool_call_id", "ROLE_TOOL messages must name the call they answer")
+                )
+            elif m.tool_call_id not in call_ids:
+                bad.append(
+                    FieldViolation(
+                        f"messages[{i}].tool_call_id",
+                        f"{m.tool_call_id!r} answers no tool call of an earlier ROLE_ASSISTANT message",
+                    )
+                )
+        elif m.tool_call_id:
+            bad.append(FieldViolation(f"messages[{i}].tool_call_id", "only ROLE_TOOL messages answer a tool call"))
         if len(content) > settings.max_content_chars:
             bad.append(
                 FieldViolation(
                     f"messages[{i}].content", f"at most {settings.max_content_chars} characters, got {len(content)}"
                 )
             )
-        elif not content.strip():
-            bad.append(FieldViolation(f"messages[{i}].content", "must not be empty or only whitespace"))
         elif "\x00" in content:
             bad.append(FieldViolation(f"messages[{i}].content", "must not contain NUL characters"))
+        elif not content.strip() and not m.parts and not calls and role != "tool":
+            bad.append(FieldViolation(f"messages[{i}].content", "must not be empty or only whitespace"))
         if role is not None:
-            messages.append(ChatMessage(role, content))
+            messages.append(ChatMessage(role, content, calls, m.tool_call_id, message_parts))
     if messages and all(m.role == "system" for m in messages):
         bad.append(FieldViolation("messages", "needs at least one ROLE_USER or ROLE_ASSISTANT message"))
     return messages
@@ -161,6 +189,10 @@ def to_domain(request: Any, settings: Settings) -> tuple[ChatRequest, str | None
     # The handful of scalar fields first, so that truncation only ever drops per-message violations.
     temperature, top_p = _check_sampling(request, bad)
     _check_rest(request, settings, bad)
+    tools = agent_fields.tools(request, bad)
+    choice = agent_fields.tool_choice(request, {t.name for t in tools}, bad)
+    fmt = agent_fields.response_format(request, bad)
+    tags = agent_fields.metadata(request, bad)
     messages = _check_messages(request, settings, bad)
     if bad:
         if len(bad) > MAX_VIOLATIONS:
@@ -176,6 +208,10 @@ def to_domain(request: Any, settings: Settings) -> tuple[ChatRequest, str | None
             max_tokens=request.max_tokens if request.HasField("max_tokens") else settings.default_max_tokens,
             stop=tuple(request.stop),
             seed=request.seed if request.HasField("seed") else None,
+            tools=tools,
+            tool_choice=choice,
+            response_format=fmt,
+            metadata=tags,
         ),
         _POLICIES[request.cold_start_policy],
     )

@@ -11,7 +11,7 @@ Contract with :mod:`service.server`:
 What each method needs (when keys are configured; with none, every call is tenant ``anonymous``)::
 
     InferenceService/Chat, ChatStream   tenant key; then rate limits, then a concurrency slot
-    InferenceService/Health             tenant or admin key
+    InferenceService/Health, ListModels tenant or admin key
     InferenceService/GetProviderStatus  admin key (a tenant key gets PERMISSION_DENIED)
     grpc.health.v1, reflection          open when AUTH_EXEMPT_HEALTH (default), else any key
 

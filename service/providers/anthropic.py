@@ -202,6 +202,7 @@ class AnthropicProvider:
 
     kind = "anthropic"
     scale_to_zero = False
+    image_input = True
 
     def __init__(self, settings: Settings, name: str = "anthropic") -> None:
         self.name = name

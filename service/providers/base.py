@@ -1,7 +1,8 @@
 """The provider protocol and the domain types every provider speaks.
 
-A provider turns a :class:`ChatRequest` into either a :class:`ChatResult` (unary) or an async
-stream of text deltas (``str``) ending with one :class:`StreamEnd`. Providers know nothing of gRPC;
+A provider turns a :class:`ChatRequest` into an async stream of text deltas (``str``) and tool-call
+fragments (:class:`ToolCallDelta`) ending with one :class:`StreamEnd`; both RPCs are served from it
+(the router assembles unary answers). Providers know nothing of gRPC;
 they raise only :mod:`service.errors` types. Adding a provider is one file plus one line in
 :mod:`service.providers.registry`.
 """
@@ -13,11 +14,11 @@ import email.utils
 import enum
 import math
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 
 
 class FinishReason(enum.Enum):
@@ -77,11 +78,131 @@ def retry_after_s(value: str | None, now: float | None = None) -> float | None:
 
 
 @dataclass(frozen=True, slots=True)
+class TextPart:
+    """A text part of a message."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ImagePart:
+    """An image part of a message: an ``https:`` URL or a ``data:image/...;base64,`` URL."""
+
+    url: str
+
+    @property
+    def is_data_url(self) -> bool:
+        """The image travels inline (base64) rather than by reference."""
+        return self.url.startswith("data:")
+
+    def data(self) -> tuple[str, str]:
+        """(media type, base64 payload) of a data URL (``data:image/png;base64,AAAA``)."""
+        head, _, payload = self.url.partition(",")
+        return head.removeprefix("data:").split(";")[0], payload
+
+
+ContentPart = TextPart | ImagePart
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A call the model made to one of the caller's tools.
+
+    Attributes:
+        id: The call's id; a ``tool`` message answers it by this id.
+        name: The tool's name.
+        arguments: The arguments as JSON text (an object; ``{}`` when the model sent none).
+    """
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A streamed fragment of a tool call.
+
+    ``index`` numbers the tool calls of one answer from 0 (text blocks never count); ``id`` and
+    ``name`` come on the first fragment of a call, ``arguments`` fragments concatenate to its JSON.
+    """
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class ChatMessage:
-    """One conversation turn."""
+    """One conversation turn.
+
+    Attributes:
+        role: Who speaks; ``tool`` carries a tool's result for ``tool_call_id``.
+        content: The text (may be empty when ``parts`` or ``tool_calls`` is set).
+        tool_calls: ``assistant`` turns: the calls the model made.
+        tool_call_id: ``tool`` turns: the call this result answers.
+        parts: Text and image parts, instead of ``content``.
+    """
 
     role: Role
-    content: str
+    content: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str = ""
+    parts: tuple[ContentPart, ...] = ()
+
+    @property
+    def has_images(self) -> bool:
+        """The message carries at least one image."""
+        return any(isinstance(p, ImagePart) for p in self.parts)
+
+    def text(self) -> str:
+        """``content``, or the text parts joined (images left out)."""
+        if not self.parts:
+            return self.content
+        return "".join(p.text for p in self.parts if isinstance(p, TextPart))
+
+
+@dataclass(frozen=True, slots=True)
+class Tool:
+    """A tool the model may call.
+
+    Attributes:
+        name: The function name.
+        description: What it does, for the model.
+        parameters: Its arguments as a JSON Schema object (integral numbers are ints).
+        strict: Ask the provider to make arguments fit the schema exactly, where supported.
+    """
+
+    name: str
+    description: str = ""
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    strict: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ToolChoice:
+    """How the model may use the tools: ``mode`` auto/none/required, or one ``function`` by name."""
+
+    mode: Literal["auto", "none", "required"] | None = None
+    function: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    """Structured output: any JSON object, or JSON that fits ``schema``.
+
+    Attributes:
+        type: ``json_object`` or ``json_schema``.
+        name: The schema's name (``json_schema``).
+        schema: The JSON Schema the answer must fit (``json_schema``).
+        strict: Ask the provider to enforce the schema exactly, where supported.
+    """
+
+    type: Literal["json_object", "json_schema"]
+    name: str = ""
+    schema: Mapping[str, Any] | None = None
+    strict: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,8 +211,13 @@ class ChatRequest:
 
     Attributes:
         messages: The conversation, oldest first.
-        model: The model to ask for; ``None`` means the provider's configured default.
+        model: The model to ask for; ``None`` means the provider's configured default. The router
+            resolves catalogue names, so a provider always sees its own model id here.
         max_tokens: Upper bound on generated tokens (always set: the servicer fills the default).
+        tools: Tools the model may call.
+        tool_choice: How it may call them (None: the provider's default, ``auto`` with tools).
+        response_format: Structured output, validated by the gateway before the caller sees it.
+        metadata: The caller's tags (kept with the call's record; never sent upstream).
     """
 
     messages: tuple[ChatMessage, ...]
@@ -101,6 +227,15 @@ class ChatRequest:
     max_tokens: int = 512
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice | None = None
+    response_format: ResponseFormat | None = None
+    metadata: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def has_images(self) -> bool:
+        """Some message carries an image."""
+        return any(m.has_images for m in self.messages)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +260,7 @@ class ChatResult:
     content: str
     finish_reason: FinishReason
     usage: Usage
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +273,7 @@ class StreamEnd:
     usage: Usage
 
 
-StreamItem = str | StreamEnd
+StreamItem = str | ToolCallDelta | StreamEnd
 
 
 @dataclass(slots=True)
@@ -174,6 +310,8 @@ class Provider(Protocol):
         endpoint: Base URL without credentials, for Health and traces.
         default_model: The model used when a request names none.
         scale_to_zero: The upstream stops when idle and cold-starts on demand (Modal).
+        image_input: The upstream takes image parts (the embedded model does not: it is skipped
+            for requests with images).
     """
 
     name: str
@@ -181,15 +319,13 @@ class Provider(Protocol):
     endpoint: str
     default_model: str
     scale_to_zero: bool
+    image_input: bool
 
     async def start(self) -> None:
         """Prepares the provider (pools, subprocesses); called once before traffic."""
 
-    async def chat(self, request: ChatRequest) -> ChatResult:
-        """Returns one complete answer or raises a :class:`service.errors.ProviderError`."""
-
     def stream(self, request: ChatRequest) -> AsyncGenerator[StreamItem, None]:
-        """Yields text deltas, then exactly one :class:`StreamEnd`.
+        """Yields text deltas and tool-call fragments as they arrive, then exactly one :class:`StreamEnd`.
 
         Implemented as an async generator whose ``finally`` closes the upstream request, so that
         ``aclose()`` (the caller cancelled, or the router gave up) stops generation upstream.

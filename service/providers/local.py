@@ -69,6 +69,7 @@ class LocalLlamaProvider(OpenAICompatProvider):
                 model=LOCAL_MODEL_ALIAS,
                 model_env_var="LOCAL_MODEL_PATH",
                 max_connections=max(parallel_slots * 4, 16),
+                image_input=False,  # SmolLM2 reads text only
             )
         )
 

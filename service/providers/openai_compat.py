@@ -86,6 +86,7 @@ class OpenAICompatConfig:
     model_env_var: str = ""
     headers: Mapping[str, str] = field(default_factory=dict)
     scale_to_zero: bool = False
+    image_input: bool = True  # the upstream takes image content parts (a vision model)
     connect_timeout_s: float = 3.0
     max_connections: int = 64
     pool_timeout_s: float = http1.DEFAULT_POOL_TIMEOUT_S
@@ -120,6 +121,7 @@ class OpenAICompatProvider:
             log.info("%s: base URL %s used as %s (request paths add /v1)", self.name, config.base_url, self.endpoint)
         self.default_model = config.model
         self.scale_to_zero = config.scale_to_zero
+        self.image_input = config.image_input
         self._pool: http1.Pool | None = None
         self._probe_pool: http1.Pool | None = None
 

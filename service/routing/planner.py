@@ -10,6 +10,7 @@ Rules, per provider in chain order:
 * not started (its start-up failed; retried in the background) -> skip ``not_started``;
 * known not to serve the requested model -> skip ``model_not_served`` (never tried: asking would
   only fail, and a caller's model choice is not a provider failure);
+* the request has images and the provider reads text only -> skip ``no_image_input``;
 * cold or warming (scale-to-zero) -> under policy ``wait``, or when nothing else could serve, a
   step that waits for the start; otherwise skip ``cold``/``warming`` and wake it. This wins over a
   half-open circuit: a cold Modal is never handed a real caller as its probe under ``fallback``;
@@ -44,6 +45,8 @@ class SlotView:
         reachable: The last probe got an answer from a server (a cold scale-to-zero provider does not).
         started: Its start-up succeeded.
         serves_model: Whether it serves the requested model: True, False, or None when unknown.
+        takes_images: It accepts the request as far as images go (False: it cannot read the
+            request's images).
     """
 
     name: str
@@ -53,6 +56,7 @@ class SlotView:
     reachable: bool = True
     started: bool = True
     serves_model: bool | None = True
+    takes_images: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +98,7 @@ def _cold(view: SlotView) -> bool:
 
 def plan(views: list[SlotView], policy: str) -> Plan:
     """Plans one call over ``views`` (chain order) under cold-start ``policy`` (``fallback``/``wait``)."""
-    candidates = [v for v in views if v.started and v.serves_model is not False]
+    candidates = [v for v in views if v.started and v.serves_model is not False and v.takes_images]
     steps: list[Step] = []
     skipped: list[tuple[str, str]] = []
     wake: list[int] = []
@@ -106,6 +110,8 @@ def plan(views: list[SlotView], policy: str) -> Plan:
             reason = "not_started"
         elif view.serves_model is False:
             reason = "model_not_served"
+        elif not view.takes_images:
+            reason = "no_image_input"
         elif _cold(view):
             if policy == "wait" or len(candidates) == 1:
                 steps.append(Step(i, wait_cold=True))

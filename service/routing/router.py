@@ -13,6 +13,7 @@ would corrupt it silently.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -34,10 +35,13 @@ from service.errors import (
     ProviderProtocolError,
     ProviderTimeoutError,
     ProviderUnavailableError,
+    SchemaViolationError,
     StreamInterruptedError,
 )
 from service.observe.telemetry import AttemptSpan, RouteTrace, RpcStats, current_rpc
-from service.providers.base import ChatRequest, ChatResult, Provider, StreamEnd, StreamItem
+from service.providers.base import ChatRequest, ChatResult, Provider, StreamEnd, StreamItem, ToolCall, ToolCallDelta
+from service.routing.assemble import Assembler, schema_violation
+from service.routing.catalogue import CatalogueEntry, default_catalogue, load_catalogue
 from service.routing.health import CircuitBreaker, HealthMonitor, HealthState, ProviderSlot
 from service.routing.planner import Plan, SlotView, Step, plan, serves
 
@@ -69,11 +73,13 @@ class Routed:
 
 @dataclass(frozen=True, slots=True)
 class RoutedEnd:
-    """The last item of a routed stream."""
+    """The last item of a routed stream, with the whole message the deltas made up."""
 
     end: StreamEnd
     provider: str
     attempts: tuple[Attempt, ...]
+    text: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 class Router:
@@ -95,6 +101,12 @@ class Router:
             for i, p in enumerate(providers)
         ]
         self.monitor = HealthMonitor(self.slots, settings.health_check_interval_s, settings.health_check_timeout_s)
+        defaults = [(p.name, p.default_model) for p in providers]
+        self.catalogue = (
+            load_catalogue(settings.models_file, [p.name for p in providers])
+            if settings.models_file
+            else default_catalogue(defaults)
+        )
         # Called (as a task) when serving() changes because of a call's outcome, so grpc.health.v1
         # follows what calls see, not only the periodic probe.
         self.on_change: Callable[[], Coroutine[Any, Any, None]] | None = None
@@ -188,8 +200,14 @@ class Router:
 
     # ---- planning -------------------------------------------------------------------------
 
-    def _plan(self, request: ChatRequest, policy: str, trace: RouteTrace) -> Plan:
+    def _serves(self, slot: ProviderSlot, request: ChatRequest, entry: CatalogueEntry | None) -> bool | None:
+        if entry is not None:
+            return entry.model_for(slot.name) is not None
+        return serves(request.model, slot.provider.default_model, slot.served_models)
+
+    def _plan(self, request: ChatRequest, entry: CatalogueEntry | None, policy: str, trace: RouteTrace) -> Plan:
         now = time.monotonic()
+        images = request.has_images
         views = [
             SlotView(
                 name=s.name,
@@ -198,7 +216,8 @@ class Router:
                 warmth=s.warmth(now),
                 reachable=s.last_reachable,
                 started=s.started,
-                serves_model=serves(request.model, s.provider.default_model, s.served_models),
+                serves_model=self._serves(s, request, entry),
+                takes_images=s.provider.image_input or not images,
             )
             for s in self.slots
         ]
@@ -262,7 +281,7 @@ class Router:
 
     async def _walk(self, call: _Call, request: ChatRequest) -> AsyncIterator[tuple[ProviderSlot, Step, int]]:
         """Yields (provider, step, try number) in plan order; stops at the first success in ``call``."""
-        planned = self._plan(request, call.policy, call.trace)
+        planned = self._plan(request, call.entry, call.policy, call.trace)
         if planned.model_unserved:
             raise self._model_not_found(request)
         steps = planned.steps
@@ -346,7 +365,7 @@ class Router:
         if isinstance(err, InvalidRequestError):
             slot.breaker.release_probe()
             raise err  # the caller's mistake: no retry, no other provider
-        if isinstance(err, ProviderModelNotFoundError):
+        if isinstance(err, (ProviderModelNotFoundError, SchemaViolationError)):
             # The caller's model choice, not a fault of the provider: no breaker, no health verdict.
             slot.breaker.release_probe()
             call.errors[slot.name] = err
@@ -359,9 +378,26 @@ class Router:
 
     def _model_not_found(self, request: ChatRequest) -> ModelNotFoundError:
         served = {s.name: s.served_models or [s.provider.default_model] for s in self.slots}
+        names = [e.name for e in self.catalogue.ordered()] if self.catalogue.from_file else []
+        listing = f"catalogue names: {names}; provider models: {served}" if names else f"served models: {served}"
         return ModelNotFoundError(
-            f"no provider serves model {request.model!r}; served models: {served}. "
-            "Leave model empty to use each provider's default."
+            f"no provider serves model {request.model!r}; {listing}. "
+            "Use one of them, or leave model empty for the default (ListModels shows the catalogue)."
+        )
+
+    @staticmethod
+    def _for(slot: ProviderSlot, request: ChatRequest, entry: CatalogueEntry | None) -> ChatRequest:
+        """The request as this provider must see it: a catalogue name becomes its own model id."""
+        if entry is None:
+            return request
+        return dataclasses.replace(request, model=entry.model_for(slot.name))
+
+    def _schema_error(self, slot: ProviderSlot, request: ChatRequest, answer: Assembler) -> SchemaViolationError | None:
+        problem = schema_violation(answer.text, request.response_format, answer.tool_calls())
+        if problem is None:
+            return None
+        return SchemaViolationError(
+            slot.name, f"{slot.name}'s answer is not the structured output asked for: {problem}"
         )
 
     def _exhausted(self, call: _Call, request: ChatRequest) -> GatewayError:
@@ -420,7 +456,9 @@ class Router:
 
     def _call(self, request: ChatRequest, deadline: float | None, policy: str | None, rpc: str) -> _Call:
         policy = policy or self.settings.cold_start_policy
+        entry = self.catalogue.lookup(request.model) if self.catalogue.from_file else None
         return _Call(
+            entry=entry,
             stats=current_rpc.get(),
             deadline=deadline,
             policy=policy,
@@ -440,18 +478,22 @@ class Router:
         loop = asyncio.get_running_loop()
         with call.trace.scope():
             async for slot, step, n in self._walk(call, request):
-                gen = slot.provider.stream(request)
-                got = await self._first(call, slot, step, n, request, gen)
+                sent_request = self._for(slot, request, call.entry)
+                gen = slot.provider.stream(sent_request)
+                got = await self._first(call, slot, step, n, sent_request, gen)
                 if got is None:
                     continue
                 span, item, started = got
                 span.first_chunk()
-                parts: list[str] = []
+                answer = Assembler()
                 waited = time.perf_counter()
                 try:
                     async with aclosing(gen) as events, asyncio.timeout(None) as idle:
                         while not isinstance(item, StreamEnd):
-                            parts.append(item)
+                            if isinstance(item, str):
+                                answer.text_delta(item)
+                            else:
+                                answer.tool_delta(item)
                             idle.reschedule(loop.time() + idle_s)
                             item = await anext(events)
                 except asyncio.CancelledError:
@@ -468,7 +510,16 @@ class Router:
                         span.end()
                     continue
                 self._add_upstream(call, waited)
-                result = ChatResult(item.id, item.model, "".join(parts), item.finish_reason, item.usage)
+                violation = self._schema_error(slot, request, answer)
+                if violation is not None:
+                    try:
+                        self._record(call, slot, violation, started)
+                    finally:
+                        span.failed(violation)
+                        span.end()
+                    continue
+                calls = answer.tool_calls()
+                result = ChatResult(item.id, item.model, answer.text, item.finish_reason, item.usage, calls)
                 self._record(call, slot, None, started)
                 span.succeeded(result.id, result.model, result.finish_reason.value, result.usage)
                 span.end()
@@ -481,7 +532,7 @@ class Router:
 
     async def stream(
         self, request: ChatRequest, deadline: float | None = None, policy: str | None = None
-    ) -> AsyncGenerator[str | RoutedEnd, None]:
+    ) -> AsyncGenerator[str | ToolCallDelta | RoutedEnd, None]:
         """Serves a streaming call: text deltas, then one :class:`RoutedEnd`.
 
         An async generator: the consumer must close it (``contextlib.aclosing``); closing it
@@ -492,8 +543,9 @@ class Router:
         with call.trace.scope():
             serving: tuple[ProviderSlot, AsyncGenerator[StreamItem, None], StreamItem] | None = None
             async for slot, step, n in self._walk(call, request):
-                gen = slot.provider.stream(request)
-                got = await self._first(call, slot, step, n, request, gen)
+                sent_request = self._for(slot, request, call.entry)
+                gen = slot.provider.stream(sent_request)
+                got = await self._first(call, slot, step, n, sent_request, gen)
                 if got is None:
                     continue
                 span, first, started = got
@@ -506,18 +558,26 @@ class Router:
                 raise err
             slot, gen, item = serving
             sent = 0
+            answer = Assembler()
             loop = asyncio.get_running_loop()
             idle_s = self.settings.stream_idle_timeout_s
             try:
                 async with aclosing(gen) as events, asyncio.timeout(None) as idle:
                     while True:
                         if isinstance(item, StreamEnd):
+                            violation = self._schema_error(slot, request, answer)
+                            if violation is not None:
+                                raise violation
                             self._record(call, slot, None, started)
                             span.succeeded(item.id, item.model, item.finish_reason.value, item.usage)
                             call.trace.served(slot.name, len(call.attempts))
                             call.served(slot.name, item.usage.prompt_tokens, item.usage.completion_tokens)
-                            yield RoutedEnd(item, slot.name, tuple(call.attempts))
+                            yield RoutedEnd(item, slot.name, tuple(call.attempts), answer.text, answer.tool_calls())
                             return
+                        if isinstance(item, str):
+                            answer.text_delta(item)
+                        else:
+                            answer.tool_delta(item)
                         sent += 1
                         yield item
                         idle.reschedule(loop.time() + idle_s)
@@ -527,6 +587,13 @@ class Router:
                         idle.reschedule(None)
             except (asyncio.CancelledError, GeneratorExit):
                 slot.breaker.release_probe()  # the caller went away: no verdict on the provider
+                raise
+            except SchemaViolationError as exc:
+                # Text already reached the caller: the stream ends, saying the answer did not fit.
+                slot.counters.attempts += 1
+                call.attempts.append(Attempt(slot.name, exc, 0.0))
+                span.failed(exc)
+                call.trace.failed(exc)
                 raise
             except Exception as exc:
                 if isinstance(exc, DeadlineExceededError):
@@ -557,6 +624,7 @@ class _Call:
     last_error: GatewayError | None = None
     budget_s: float = 0.0
     stats: RpcStats | None = None
+    entry: CatalogueEntry | None = None  # the catalogue name the request used, if any
 
     def served(self, provider: str, prompt_tokens: int, completion_tokens: int) -> None:
         """Fills the RPC's stats for the access log."""

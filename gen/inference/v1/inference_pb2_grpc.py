@@ -57,6 +57,11 @@ class InferenceServiceStub:
                 request_serializer=inference_dot_v1_dot_inference__pb2.GetProviderStatusRequest.SerializeToString,
                 response_deserializer=inference_dot_v1_dot_inference__pb2.GetProviderStatusResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/inference.v1.InferenceService/ListModels',
+                request_serializer=inference_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=inference_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -93,6 +98,13 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """ListModels lists the model catalogue: each name a request may use and where it is routed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -115,6 +127,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GetProviderStatus,
                     request_deserializer=inference_dot_v1_dot_inference__pb2.GetProviderStatusRequest.FromString,
                     response_serializer=inference_dot_v1_dot_inference__pb2.GetProviderStatusResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=inference_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
+                    response_serializer=inference_dot_v1_dot_inference__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -228,6 +245,33 @@ class InferenceService:
             '/inference.v1.InferenceService/GetProviderStatus',
             inference_dot_v1_dot_inference__pb2.GetProviderStatusRequest.SerializeToString,
             inference_dot_v1_dot_inference__pb2.GetProviderStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.v1.InferenceService/ListModels',
+            inference_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
+            inference_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
