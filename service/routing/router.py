@@ -203,7 +203,12 @@ class Router:
     def _serves(self, slot: ProviderSlot, request: ChatRequest, entry: CatalogueEntry | None) -> bool | None:
         if entry is not None:
             return entry.model_for(slot.name) is not None
-        return serves(request.model, slot.provider.default_model, slot.served_models)
+        verdict = serves(request.model, slot.provider.default_model, slot.served_models)
+        if self.catalogue.from_file and verdict is None:
+            # With a catalogue, a name is a catalogue name or a model id someone is known to serve:
+            # anything else is NOT_FOUND listing the catalogue before any provider is asked.
+            return any(e.model_for(slot.name) == request.model for e in self.catalogue.entries.values())
+        return verdict
 
     def _plan(self, request: ChatRequest, entry: CatalogueEntry | None, policy: str, trace: RouteTrace) -> Plan:
         now = time.monotonic()
