@@ -12,6 +12,8 @@
     ├── AuthenticationError        UNAUTHENTICATED
     ├── PermissionDeniedError      PERMISSION_DENIED
     └── CancelledError             CANCELLED
+
+    ClientConfigError (ValueError) the client cannot be set up (e.g. an unreadable CA file); no call made
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from __future__ import annotations
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+
+
+class ClientConfigError(ValueError):
+    """The client's own configuration is unusable (raised before any call; not an InferenceError)."""
 
 
 class InferenceError(Exception):

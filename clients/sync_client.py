@@ -1,0 +1,172 @@
+"""The blocking client: the same calls, options, retries and errors as the asyncio one."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator, Iterator
+from types import TracebackType
+from typing import Any, Unpack
+
+import grpc
+from inference.v1 import inference_pb2 as pb
+from inference.v1 import inference_pb2_grpc as pb_grpc
+
+from clients import convert
+from clients.base import ClientBase, StreamState
+from clients.errors import from_rpc_error
+from clients.options import ChatOptions, RetryPolicy, build_request
+from clients.types import ChatResult, Health
+
+
+class SyncChatStream(StreamState):
+    """Blocking counterpart of :class:`~clients.client.ChatStream`.
+
+    ``with client.chat_stream(...) as stream: for text in stream: ...``; leaving the block cancels
+    the call. The call starts on the first iteration and is made once (retried like the async
+    one, only before any text); iterating again never resends it.
+    """
+
+    def __init__(
+        self,
+        stub: pb_grpc.InferenceServiceStub,
+        request: pb.ChatStreamRequest,
+        deadline: float,
+        metadata: tuple[tuple[str, str], ...],
+        retry: RetryPolicy,
+    ) -> None:
+        super().__init__()
+        self._stub = stub
+        self._request = request
+        self._deadline = deadline
+        self._metadata = metadata
+        self._retry = retry
+        self._call: Any = None
+        self._iterator: Generator[str, None, None] | None = None
+
+    def __enter__(self) -> SyncChatStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Cancels the call if it is still running."""
+        if self._call is not None:
+            self._call.cancel()
+        if self._iterator is not None:
+            try:
+                self._iterator.close()
+            except ValueError:
+                pass  # closed from another thread while it runs: the cancel above ends it
+
+    def __iter__(self) -> Iterator[str]:
+        if self._iterator is None:
+            self._iterator = self._iterate()
+        return self._iterator
+
+    def _iterate(self) -> Generator[str, None, None]:
+        retry = 0
+        while True:
+            self._call = self._stub.ChatStream(
+                self._request, timeout=max(0.001, self._deadline - time.monotonic()), metadata=self._metadata
+            )
+            try:
+                for message in self._call:
+                    text = self._take(message)
+                    if text is not None:
+                        yield text
+                return
+            except grpc.RpcError as exc:
+                err = from_rpc_error(exc)
+                delay = None if self.text_parts else self._retry.delay_s(err, retry, self._deadline)
+                if delay is None:
+                    raise err from None
+                retry += 1
+                time.sleep(delay)
+            finally:
+                self._call.cancel()  # a no-op once the call has ended
+
+
+class InferenceClient(ClientBase):
+    """Blocking client with the same methods as :class:`~clients.client.AsyncInferenceClient`,
+    for scripts and threads: ``with InferenceClient() as c: print(c.chat("Hi").text)``."""
+
+    _channel: grpc.Channel
+    _stub: pb_grpc.InferenceServiceStub
+
+    def _open(self) -> None:
+        c = self.connection
+        if c.tls:
+            self._channel = grpc.secure_channel(c.target, c.credentials(), options=c.options)
+        else:
+            self._channel = grpc.insecure_channel(c.target, options=c.options)
+        self._stub = pb_grpc.InferenceServiceStub(self._channel)
+
+    def __enter__(self) -> InferenceClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Closes the channel."""
+        self._channel.close()
+
+    def chat(self, prompt: str | None = None, **options: Unpack[ChatOptions]) -> ChatResult:
+        """One complete answer.
+
+        Args:
+            prompt: The user's message (appended after ``messages``).
+            **options: See :class:`~clients.options.ChatOptions`.
+
+        Raises:
+            InferenceError: A subclass naming what failed, after any retries.
+        """
+        request = build_request(pb.ChatRequest, prompt, options)
+        deadline, policy = self._deadline(options), self._retry(options)
+        retry = 0
+        while True:
+            try:
+                response = self._stub.Chat(
+                    request, timeout=max(0.001, deadline - time.monotonic()), metadata=self.connection.metadata
+                )
+                return convert.chat_result(response)
+            except grpc.RpcError as exc:
+                err = from_rpc_error(exc)
+                delay = policy.delay_s(err, retry, deadline)
+                if delay is None:
+                    raise err from None
+                retry += 1
+                time.sleep(delay)
+
+    def chat_stream(self, prompt: str | None = None, **options: Unpack[ChatOptions]) -> SyncChatStream:
+        """A streaming call: a context manager and iterator of text deltas.
+
+        Args:
+            prompt: The user's message (appended after ``messages``).
+            **options: See :class:`~clients.options.ChatOptions`.
+        """
+        request = build_request(pb.ChatStreamRequest, prompt, options)
+        return SyncChatStream(
+            self._stub, request, self._deadline(options), self.connection.metadata, self._retry(options)
+        )
+
+    def health(self, timeout_s: float = 10.0) -> Health:
+        """The service's health and every provider's state."""
+        try:
+            response = self._stub.Health(pb.HealthRequest(), timeout=timeout_s, metadata=self.connection.metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return convert.health(response)
+
+    def provider_status(self, timeout_s: float = 10.0) -> pb.GetProviderStatusResponse:
+        """Admin view (needs an admin key); returned as the proto message."""
+        try:
+            response: pb.GetProviderStatusResponse = self._stub.GetProviderStatus(
+                pb.GetProviderStatusRequest(), timeout=timeout_s, metadata=self.connection.metadata
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return response
