@@ -161,6 +161,12 @@ def test_plan(
     assert [views[i].name for i in result.wake] == wake
 
 
+def test_a_policy_that_leaves_nothing_is_a_denial() -> None:
+    result = plan([v("modal", serves_model=False), v("anthropic", allowed=False)], "fallback")
+    assert result.denied and not result.model_unserved
+    assert not plan([v("modal", allowed=False), v("anthropic")], "fallback").denied
+
+
 def test_a_model_nobody_serves_is_known_before_any_call() -> None:
     result = plan([v("modal", serves_model=False), v("anthropic", serves_model=False)], "fallback")
     assert result.model_unserved and result.steps == ()

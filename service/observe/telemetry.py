@@ -48,10 +48,13 @@ class RpcStats:
     overhead metric and trailing metadata). gRPC-free, so the router can fill it."""
 
     upstream_s: float = 0.0  # time spent awaiting provider calls
+    wait_s: float = 0.0  # time spent waiting on purpose: backoff, Retry-After, a cold start
     provider: str = ""
     attempts: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    usage_reported: bool = False  # the serving provider reported usage (else the tokens are unknown)
+    relayed_chars: int = 0  # characters of answer relayed to the caller (a cancelled call's consumption)
 
 
 current_rpc: ContextVar[RpcStats | None] = ContextVar("current_rpc", default=None)

@@ -7,6 +7,8 @@ starts wake-ups, both named in the plan.
 
 Rules, per provider in chain order:
 
+* outside the caller's tenant policy -> skip ``not_allowed`` (never tried, not even as a last
+  resort; when that leaves nothing, the call is PERMISSION_DENIED);
 * not started (its start-up failed; retried in the background) -> skip ``not_started``;
 * known not to serve the requested model -> skip ``model_not_served`` (never tried: asking would
   only fail, and a caller's model choice is not a provider failure);
@@ -47,6 +49,7 @@ class SlotView:
         serves_model: Whether it serves the requested model: True, False, or None when unknown.
         takes_images: It accepts the request as far as images go (False: it cannot read the
             request's images).
+        allowed: The caller's tenant policy lets its calls reach this provider.
     """
 
     name: str
@@ -57,6 +60,7 @@ class SlotView:
     started: bool = True
     serves_model: bool | None = True
     takes_images: bool = True
+    allowed: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +93,13 @@ class Plan:
         """Every provider is known not to serve the requested model."""
         return not self.steps and bool(self.skipped) and all(r == "model_not_served" for _, r in self.skipped)
 
+    @property
+    def denied(self) -> bool:
+        """Nothing to try, and the tenant's policy is why: the providers that could serve the
+        call are ones its calls may not reach."""
+        reasons = {r for _, r in self.skipped}
+        return not self.steps and "not_allowed" in reasons and reasons <= {"not_allowed", "model_not_served"}
+
 
 def _cold(view: SlotView) -> bool:
     # Unhealthy but never answered: a scale-to-zero provider that is asleep, not broken.
@@ -98,7 +109,7 @@ def _cold(view: SlotView) -> bool:
 
 def plan(views: list[SlotView], policy: str) -> Plan:
     """Plans one call over ``views`` (chain order) under cold-start ``policy`` (``fallback``/``wait``)."""
-    candidates = [v for v in views if v.started and v.serves_model is not False and v.takes_images]
+    candidates = [v for v in views if v.allowed and v.started and v.serves_model is not False and v.takes_images]
     steps: list[Step] = []
     skipped: list[tuple[str, str]] = []
     wake: list[int] = []
@@ -106,7 +117,9 @@ def plan(views: list[SlotView], policy: str) -> Plan:
     held: list[Step] = []  # circuit open or cold: tried only when nothing else is planned
     for i, view in enumerate(views):
         reason = ""
-        if not view.started:
+        if not view.allowed:
+            reason = "not_allowed"
+        elif not view.started:
             reason = "not_started"
         elif view.serves_model is False:
             reason = "model_not_served"

@@ -29,6 +29,7 @@ from service.errors import (
     GatewayError,
     InvalidRequestError,
     ModelNotFoundError,
+    PermissionDeniedError,
     ProviderAuthError,
     ProviderError,
     ProviderModelNotFoundError,
@@ -210,7 +211,14 @@ class Router:
             return any(e.model_for(slot.name) == request.model for e in self.catalogue.entries.values())
         return verdict
 
-    def _plan(self, request: ChatRequest, entry: CatalogueEntry | None, policy: str, trace: RouteTrace) -> Plan:
+    def _plan(
+        self,
+        request: ChatRequest,
+        entry: CatalogueEntry | None,
+        policy: str,
+        trace: RouteTrace,
+        allowed: frozenset[str] | None = None,
+    ) -> Plan:
         now = time.monotonic()
         images = request.has_images
         views = [
@@ -223,6 +231,7 @@ class Router:
                 started=s.started,
                 serves_model=self._serves(s, request, entry),
                 takes_images=s.provider.image_input or not images,
+                allowed=allowed is None or s.name in allowed,
             )
             for s in self.slots
         ]
@@ -276,19 +285,28 @@ class Router:
             budget = remaining / 2 if fallback_left else remaining - self.settings.min_attempt_time_s
             limit = max(0.0, min(limit, budget))
         call.trace.event("wait_cold_start", provider=slot.name, limit_s=round(limit, 3))
+        waited = time.perf_counter()
         try:
             await asyncio.wait_for(asyncio.shield(waker), limit)
         except TimeoutError:
+            self._add_wait(call, waited)
             return ProviderTimeoutError(slot.name, f"{slot.name} did not finish its cold start within {limit:.1f} s")
+        self._add_wait(call, waited)
         if slot.state is not HealthState.HEALTHY:
             return ProviderUnavailableError(slot.name, f"{slot.name} did not come up: {slot.last_error}")
         return None
 
     async def _walk(self, call: _Call, request: ChatRequest) -> AsyncIterator[tuple[ProviderSlot, Step, int]]:
         """Yields (provider, step, try number) in plan order; stops at the first success in ``call``."""
-        planned = self._plan(request, call.entry, call.policy, call.trace)
+        planned = self._plan(request, call.entry, call.policy, call.trace, call.allowed)
         if planned.model_unserved:
             raise self._model_not_found(request)
+        if planned.denied:
+            names = sorted(call.allowed or ())
+            raise PermissionDeniedError(
+                f"your tenant's policy lets calls reach only {names}, and none of them can serve this request; "
+                "ask for a model they serve (ListModels), or ask an operator to widen the policy"
+            )
         steps = planned.steps
         for index, step in enumerate(steps):
             slot = self.slots[step.index]
@@ -334,6 +352,8 @@ class Router:
                     break
                 call.trace.event("retry", provider=slot.name, delay_s=round(delay, 3), reason=err.reason)
                 await asyncio.sleep(delay)
+                if call.stats is not None:
+                    call.stats.wait_s += delay
             if call.last_error is not None:
                 call.trace.event("fallback", provider=slot.name, reason=call.last_error.reason)
 
@@ -457,28 +477,48 @@ class Router:
         if call.stats is not None:
             call.stats.upstream_s += time.perf_counter() - since
 
+    @staticmethod
+    def _add_wait(call: _Call, since: float) -> None:
+        if call.stats is not None:
+            call.stats.wait_s += time.perf_counter() - since
+
     # ---- public API -------------------------------------------------------------------------
 
-    def _call(self, request: ChatRequest, deadline: float | None, policy: str | None, rpc: str) -> _Call:
+    def _call(
+        self,
+        request: ChatRequest,
+        deadline: float | None,
+        policy: str | None,
+        rpc: str,
+        allowed: frozenset[str] | None = None,
+    ) -> _Call:
         policy = policy or self.settings.cold_start_policy
         entry = self.catalogue.lookup(request.model) if self.catalogue.from_file else None
         return _Call(
             entry=entry,
+            allowed=allowed,
             stats=current_rpc.get(),
             deadline=deadline,
             policy=policy,
             trace=RouteTrace(rpc, request, [s.name for s in self.slots], policy),
         )
 
-    async def chat(self, request: ChatRequest, deadline: float | None = None, policy: str | None = None) -> Routed:
-        """Serves a unary call; ``deadline`` is a ``time.monotonic()`` instant.
+    async def chat(
+        self,
+        request: ChatRequest,
+        deadline: float | None = None,
+        policy: str | None = None,
+        providers: frozenset[str] | None = None,
+    ) -> Routed:
+        """Serves a unary call; ``deadline`` is a ``time.monotonic()`` instant; ``providers`` (the
+        tenant's policy) limits which providers the call may reach (None: all).
 
         Served over the provider's stream and assembled here, so the first-token timeout, the idle
         timeout and cancellation work as for ChatStream. The caller has seen nothing until the
         answer is whole, so a failure part-way is invisible: the partial answer is dropped and the
         call retries or falls back like a failure before the first token (nothing is spliced).
         """
-        call = self._call(request, deadline, policy, "Chat")
+        call = self._call(request, deadline, policy, "Chat", providers)
         idle_s = self.settings.stream_idle_timeout_s
         loop = asyncio.get_running_loop()
         with call.trace.scope():
@@ -536,14 +576,18 @@ class Router:
             raise err
 
     async def stream(
-        self, request: ChatRequest, deadline: float | None = None, policy: str | None = None
+        self,
+        request: ChatRequest,
+        deadline: float | None = None,
+        policy: str | None = None,
+        providers: frozenset[str] | None = None,
     ) -> AsyncGenerator[str | ToolCallDelta | RoutedEnd, None]:
         """Serves a streaming call: text deltas, then one :class:`RoutedEnd`.
 
         An async generator: the consumer must close it (``contextlib.aclosing``); closing it
         closes the upstream response, which aborts generation there.
         """
-        call = self._call(request, deadline, policy, "ChatStream")
+        call = self._call(request, deadline, policy, "ChatStream", providers)
         upstream_s = 0.0  # time awaiting the provider mid-stream; the rest of the call is the gateway's
         with call.trace.scope():
             serving: tuple[ProviderSlot, AsyncGenerator[StreamItem, None], StreamItem] | None = None
@@ -581,6 +625,8 @@ class Router:
                             return
                         if isinstance(item, str):
                             answer.text_delta(item)
+                            if call.stats is not None:
+                                call.stats.relayed_chars += len(item)
                         else:
                             answer.tool_delta(item)
                         sent += 1
@@ -630,6 +676,7 @@ class _Call:
     budget_s: float = 0.0
     stats: RpcStats | None = None
     entry: CatalogueEntry | None = None  # the catalogue name the request used, if any
+    allowed: frozenset[str] | None = None  # providers the tenant's policy lets the call reach
 
     def served(self, provider: str, prompt_tokens: int, completion_tokens: int) -> None:
         """Fills the RPC's stats for the access log."""
@@ -638,3 +685,5 @@ class _Call:
             self.stats.attempts = len(self.attempts)
             self.stats.prompt_tokens = prompt_tokens
             self.stats.completion_tokens = completion_tokens
+            # An upstream that reports nothing leaves both at 0: unknown, not free.
+            self.stats.usage_reported = prompt_tokens + completion_tokens > 0
