@@ -67,6 +67,14 @@ class Warmth(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WARMTH_COLD: _ClassVar[Warmth]
     WARMTH_WARMING: _ClassVar[Warmth]
     WARMTH_WARM: _ClassVar[Warmth]
+
+class UsageDimension(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    USAGE_DIMENSION_UNSPECIFIED: _ClassVar[UsageDimension]
+    USAGE_DIMENSION_TENANT: _ClassVar[UsageDimension]
+    USAGE_DIMENSION_PROVIDER: _ClassVar[UsageDimension]
+    USAGE_DIMENSION_MODEL: _ClassVar[UsageDimension]
+    USAGE_DIMENSION_DAY: _ClassVar[UsageDimension]
 ROLE_UNSPECIFIED: Role
 ROLE_SYSTEM: Role
 ROLE_USER: Role
@@ -99,6 +107,11 @@ WARMTH_UNSPECIFIED: Warmth
 WARMTH_COLD: Warmth
 WARMTH_WARMING: Warmth
 WARMTH_WARM: Warmth
+USAGE_DIMENSION_UNSPECIFIED: UsageDimension
+USAGE_DIMENSION_TENANT: UsageDimension
+USAGE_DIMENSION_PROVIDER: UsageDimension
+USAGE_DIMENSION_MODEL: UsageDimension
+USAGE_DIMENSION_DAY: UsageDimension
 
 class Message(_message.Message):
     __slots__ = ("role", "content", "tool_calls", "tool_call_id", "parts")
@@ -439,3 +452,43 @@ class ModelRoute(_message.Message):
     provider: str
     model: str
     def __init__(self, provider: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+
+class GetUsageRequest(_message.Message):
+    __slots__ = ("start_time", "end_time", "group_by", "tenant")
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    GROUP_BY_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    group_by: _containers.RepeatedScalarFieldContainer[UsageDimension]
+    tenant: str
+    def __init__(self, start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., group_by: _Optional[_Iterable[_Union[UsageDimension, str]]] = ..., tenant: _Optional[str] = ...) -> None: ...
+
+class GetUsageResponse(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[UsageRow]
+    def __init__(self, rows: _Optional[_Iterable[_Union[UsageRow, _Mapping]]] = ...) -> None: ...
+
+class UsageRow(_message.Message):
+    __slots__ = ("tenant", "provider", "model", "day", "requests", "failed_requests", "prompt_tokens", "completion_tokens", "cost_usd")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DAY_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    FAILED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COST_USD_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    provider: str
+    model: str
+    day: str
+    requests: int
+    failed_requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    def __init__(self, tenant: _Optional[str] = ..., provider: _Optional[str] = ..., model: _Optional[str] = ..., day: _Optional[str] = ..., requests: _Optional[int] = ..., failed_requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cost_usd: _Optional[float] = ...) -> None: ...

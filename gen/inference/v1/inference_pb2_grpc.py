@@ -62,6 +62,11 @@ class InferenceServiceStub:
                 request_serializer=inference_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=inference_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/inference.v1.InferenceService/GetUsage',
+                request_serializer=inference_dot_v1_dot_inference__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=inference_dot_v1_dot_inference__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -105,6 +110,14 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """GetUsage sums the usage ledger over a time range; requires an admin token, or a tenant token
+        asking about its own tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +145,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=inference_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
                     response_serializer=inference_dot_v1_dot_inference__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=inference_dot_v1_dot_inference__pb2.GetUsageRequest.FromString,
+                    response_serializer=inference_dot_v1_dot_inference__pb2.GetUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -272,6 +290,33 @@ class InferenceService:
             '/inference.v1.InferenceService/ListModels',
             inference_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
             inference_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.v1.InferenceService/GetUsage',
+            inference_dot_v1_dot_inference__pb2.GetUsageRequest.SerializeToString,
+            inference_dot_v1_dot_inference__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,
