@@ -21,9 +21,12 @@ the policy around it:
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 
 import httptools
+
+log = logging.getLogger(__name__)
 
 MAX_HEAD_BYTES = 64 * 1024
 _PAUSE_AT_BYTES = 1 << 20
@@ -68,16 +71,19 @@ def keep_alive_timeout_s(value: str) -> float | None:
 
 def _set_tcp_keepalive(transport: asyncio.BaseTransport) -> None:
     sock = transport.get_extra_info("socket")
-    if sock is None:
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for option, value in (
-        ("TCP_KEEPIDLE", KEEPALIVE_IDLE_S),
-        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
-        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
-    ):
-        if hasattr(socket, option):  # Linux has all three; macOS lacks TCP_KEEPIDLE by that name
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in (
+            ("TCP_KEEPIDLE", KEEPALIVE_IDLE_S),
+            ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+            ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+        ):
+            if hasattr(socket, option):  # Linux has all three; macOS lacks TCP_KEEPIDLE by that name
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+    except OSError:
+        log.debug("TCP keepalive options refused by this platform", exc_info=True)
 
 
 class Connection(asyncio.Protocol):
