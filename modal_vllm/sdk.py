@@ -173,9 +173,12 @@ def scrub(text: str, secrets: list[str]) -> str:
     """Replaces every non-empty secret in ``text`` with ``***``.
 
     Belt and braces: no message built here includes a secret, but exception texts are not ours.
+    Values shorter than 4 characters are left alone: replacing "" or "a" would mangle every word,
+    and so short a value protects nothing.
     """
-    for secret in filter(None, secrets):  # replacing "" would splice *** between every char
-        text = text.replace(secret, "***")
+    for secret in secrets:
+        if len(secret) >= 4:
+            text = text.replace(secret, "***")
     return text
 
 
