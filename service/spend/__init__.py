@@ -1,0 +1,1 @@
+"""Spend accounting (work in progress)."""
