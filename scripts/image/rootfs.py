@@ -54,12 +54,16 @@ def say(message: str) -> None:
     print(f"image check: {message}", flush=True)
 
 
-def run(argv: Sequence[str | Path], *, timeout_s: float, capture: bool = False) -> subprocess.CompletedProcess[str]:
-    """Runs a host command; a non-zero exit raises CheckFailed with its output."""
+def run(
+    argv: Sequence[str | Path], *, timeout_s: float, capture: bool = False, label: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """Runs a host command; a non-zero exit raises CheckFailed naming it (label, else argv) with the
+    end of its output."""
     result = subprocess.run([str(a) for a in argv], text=True, timeout=timeout_s, capture_output=capture, check=False)
     if result.returncode != 0:
         detail = (result.stdout or "") + (result.stderr or "") if capture else ""
-        raise CheckFailed(f"`{' '.join(str(a) for a in argv[:6])} ...` exited {result.returncode}\n{detail[-3000:]}")
+        name = label or " ".join(str(a) for a in argv)
+        raise CheckFailed(f"`{name[:200]}` exited {result.returncode}\n{detail[-3000:]}")
     return result
 
 
@@ -87,7 +91,8 @@ def run_in(
     capture: bool = False,
 ) -> subprocess.CompletedProcess[str]:
     """Runs argv inside root (see in_root); a non-zero exit raises CheckFailed."""
-    return run(in_root(root, argv, env=env, user=user, cwd=cwd), timeout_s=timeout_s, capture=capture)
+    command = in_root(root, argv, env=env, user=user, cwd=cwd)
+    return run(command, timeout_s=timeout_s, capture=capture, label=f"{' '.join(argv)} (in {root.name})")
 
 
 def proxies() -> dict[str, str]:
