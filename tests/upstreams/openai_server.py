@@ -1,7 +1,10 @@
 """A scriptable fake of vLLM's OpenAI-compatible server (as served on Modal or a plain host).
 
 Endpoints: ``POST /v1/chat/completions`` (unary and SSE), ``GET /health``, ``GET /v1/models``,
-``GET /metrics`` (a few ``vllm:`` gauges). Auth: ``api_key`` guards ``/v1/*`` like vLLM's
+``GET /metrics`` (a few ``vllm:`` gauges). Agent fields are checked as vLLM checks them
+(``openai_rules``: a malformed ``tools`` entry is a 400), :class:`ToolCalls` scripts tool-call
+streams, and ``received`` shows what each chat request carried (tools, tool_choice,
+response_format, images, tool results). Auth: ``api_key`` guards ``/v1/*`` like vLLM's
 ``--api-key`` (401 ``{"error": "Unauthorized"}``); ``required_headers`` guards every path like
 Modal's proxy auth (``Modal-Key`` / ``Modal-Secret``).
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from tests.upstreams.base import (
@@ -21,8 +25,11 @@ from tests.upstreams.behaviours import (
     InBandError,
     Ok,
     Overloaded,
+    ToolCalls,
+    ToolFragment,
     UnknownModel,
 )
+from tests.upstreams.openai_rules import problem
 from tests.upstreams.wire import (
     ChatContext,
     Exchange,
@@ -43,6 +50,37 @@ _ERROR_TYPES = {
     502: "BadGatewayError",
     503: "ServiceUnavailableError",
 }
+
+
+@dataclass
+class Received:
+    """The agent fields of one chat request, as the upstream received them."""
+
+    body: dict[str, Any]
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+    images: list[str] = field(default_factory=list)  # image_url part URLs, in order
+    tool_results: list[tuple[str, Any]] = field(default_factory=list)  # (tool_call_id, content)
+
+    @classmethod
+    def of(cls, body: dict[str, Any]) -> Received:
+        """Reads the fields out of a request body."""
+        messages = body.get("messages") or []
+        return cls(
+            body=body,
+            tools=body.get("tools") or [],
+            tool_choice=body.get("tool_choice"),
+            response_format=body.get("response_format"),
+            images=[
+                p["image_url"]["url"]
+                for m in messages
+                if isinstance(m.get("content"), list)
+                for p in m["content"]
+                if p.get("type") == "image_url"
+            ],
+            tool_results=[(m["tool_call_id"], m["content"]) for m in messages if m.get("role") == "tool"],
+        )
 
 
 class FakeOpenAI(FakeUpstream):
@@ -70,6 +108,7 @@ class FakeOpenAI(FakeUpstream):
         self.required_headers = {k.lower(): v for k, v in (required_headers or {}).items()}
         self.running = 0
         self.health_status = 200  # what GET /health answers (a probe can fail while chat works)
+        self._taken: Behaviour | None = None
 
     def reset(self) -> None:
         """Also puts /health back to 200."""
@@ -125,6 +164,10 @@ class FakeOpenAI(FakeUpstream):
         if not isinstance(messages, list) or not messages:
             await self.send_error(ex, 400, "messages: Field required")
             return
+        bad = problem(body)
+        if bad is not None:
+            await self.send_error(ex, 400, bad)
+            return
         stream = bool(body.get("stream"))
         if body.get("stream_options") is not None and not stream:
             await self.send_error(ex, 400, "Stream options can only be defined when `stream=True`.")
@@ -149,6 +192,63 @@ class FakeOpenAI(FakeUpstream):
             await self.run_chat(ctx, ex)
         finally:
             self.running -= 1
+
+    def next_behaviour(self) -> Behaviour:
+        """The behaviour :meth:`run_chat` already took, else the next one."""
+        taken, self._taken = self._taken, None
+        return taken if taken is not None else super().next_behaviour()
+
+    @property
+    def received(self) -> list[Received]:
+        """What each chat request carried, oldest first."""
+        return [Received.of(r.json) for r in self.chat_requests if isinstance(r.json, dict)]
+
+    async def run_chat(self, ctx: ChatContext, ex: Exchange) -> None:
+        """Answers :class:`ToolCalls` here; every other behaviour as the base class does."""
+        beh = self.next_behaviour()
+        if not isinstance(beh, ToolCalls):
+            # The base class takes it back from next_behaviour() before its first await, so no
+            # other request can come between.
+            self._taken = beh
+            await super().run_chat(ctx, ex)
+            return
+        ctx.record.behaviour = beh
+        if not ctx.stream:
+            await ex.respond(200, self._tool_calls_body(ctx, beh))
+            return
+        await ex.start_stream()
+        for event in self.sse_preamble(ctx):
+            await ex.send_event(event)
+        for step in beh.steps:
+            if isinstance(step, str):
+                delta: dict[str, Any] = {"content": step}
+            else:
+                delta = {"tool_calls": [_fragment(f) for f in (step if isinstance(step, tuple) else (step,))]}
+            await ex.send_event(self._chunk(ctx, [self._choice(delta, None)]))
+        for event in self.sse_finish(ctx, beh.finish_reason, len(beh.steps), False):
+            await ex.send_event(event)
+        await ex.end_stream()
+
+    def _tool_calls_body(self, ctx: ChatContext, beh: ToolCalls) -> bytes:
+        text, calls = beh.assembled()
+        message = {
+            "role": "assistant",
+            "content": text or None,
+            "tool_calls": [
+                {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                for c in calls
+            ],
+        }
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": beh.finish_reason}
+        obj = {
+            "id": ctx.response_id,
+            "object": "chat.completion",
+            "created": ctx.created,
+            "model": ctx.model,
+            "choices": [choice],
+            "usage": self._usage(ctx, len(beh.steps)),
+        }
+        return dumps(obj)
 
     # -- provider hooks ----------------------------------------------------------------
 
@@ -252,3 +352,14 @@ class FakeOpenAI(FakeUpstream):
     def sse_error(self, ctx: ChatContext, beh: InBandError) -> list[bytes]:
         """``data: {"error": {...}}`` then ``[DONE]``, as vLLM does mid-stream."""
         return [b"data: " + self.error_body(500, beh.message, beh.error_type) + b"\n\n", b"data: [DONE]\n\n"]
+
+
+def _fragment(f: ToolFragment) -> dict[str, Any]:
+    """A ``delta.tool_calls`` entry as vLLM sends it: unset fields left out."""
+    out: dict[str, Any] = {"index": f.index}
+    if f.id:
+        out |= {"id": f.id, "type": "function"}
+    function = {k: v for k, v in (("name", f.name), ("arguments", f.arguments)) if v}
+    if function:
+        out["function"] = function
+    return out

@@ -1,5 +1,12 @@
-"""The OpenAI/vLLM wire format, without I/O: request bodies, SSE decoding, completions, and the one
-table from HTTP answers to domain errors. Pure functions, so every rule is unit-tested directly."""
+"""The OpenAI/vLLM wire format, without I/O: request bodies, SSE decoding and the one table from
+HTTP answers to domain errors. Pure functions, so every rule is unit-tested directly.
+
+Agent fields go out in the shape vLLM 0.11 and llama.cpp's server check: ``tools`` as
+``{"type": "function", "function": {...}}``, structured output as ``response_format`` (never
+``guided_json``: deprecated in vLLM 0.10.2, silently ignored from 0.12), tool results as ``tool``
+messages, images as content parts. Streamed tool calls come back as ``delta.tool_calls`` fragments
+and leave as :class:`ToolCallDelta` items in the order they arrived.
+"""
 
 from __future__ import annotations
 
@@ -17,9 +24,14 @@ from service.errors import (
     ProviderUnavailableError,
 )
 from service.providers.base import (
+    ChatMessage,
     ChatRequest,
-    ChatResult,
+    ImagePart,
+    ResponseFormat,
     StreamEnd,
+    Tool,
+    ToolCallDelta,
+    ToolChoice,
     Usage,
     finish_reason_from_openai,
     retry_after_s,
@@ -28,11 +40,56 @@ from service.providers.base import (
 CHAT_PATH = "/v1/chat/completions"
 
 
+def _message(m: ChatMessage) -> dict[str, Any]:
+    if m.role == "tool":
+        return {"role": "tool", "tool_call_id": m.tool_call_id, "content": m.text()}
+    out: dict[str, Any] = {"role": m.role}
+    if m.parts:
+        out["content"] = [
+            {"type": "image_url", "image_url": {"url": p.url}}
+            if isinstance(p, ImagePart)
+            else {"type": "text", "text": p.text}
+            for p in m.parts
+        ]
+    else:
+        # OpenAI's schema: an assistant turn that only calls tools has content null, not "".
+        out["content"] = m.content if m.content or not m.tool_calls else None
+    if m.tool_calls:
+        out["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in m.tool_calls
+        ]
+    return out
+
+
+def _tool(t: Tool) -> dict[str, Any]:
+    # dict(): orjson serialises dicts, not other Mappings; integral numbers are already ints.
+    function: dict[str, Any] = {"name": t.name, "parameters": dict(t.parameters)}
+    if t.description:
+        function["description"] = t.description
+    if t.strict:
+        function["strict"] = True
+    return {"type": "function", "function": function}
+
+
+def _tool_choice(choice: ToolChoice) -> str | dict[str, Any]:
+    if choice.function:
+        return {"type": "function", "function": {"name": choice.function}}
+    return choice.mode or "auto"
+
+
+def _response_format(fmt: ResponseFormat) -> dict[str, Any]:
+    if fmt.type == "json_object":
+        return {"type": "json_object"}
+    schema = {"name": fmt.name, "schema": dict(fmt.schema or {}), "strict": fmt.strict}
+    return {"type": "json_schema", "json_schema": schema}
+
+
 def request_body(request: ChatRequest, default_model: str, stream: bool) -> dict[str, Any]:
     """The JSON body of a chat completion request."""
     body: dict[str, Any] = {
         "model": request.model or default_model,
-        "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+        "messages": [_message(m) for m in request.messages],
         "max_tokens": request.max_tokens,
     }
     if request.temperature is not None:
@@ -43,6 +100,12 @@ def request_body(request: ChatRequest, default_model: str, stream: bool) -> dict
         body["stop"] = list(request.stop)
     if request.seed is not None:
         body["seed"] = request.seed
+    if request.tools:
+        body["tools"] = [_tool(t) for t in request.tools]
+    if request.tool_choice is not None and request.tools:  # vLLM refuses tool_choice without tools
+        body["tool_choice"] = _tool_choice(request.tool_choice)
+    if request.response_format is not None:
+        body["response_format"] = _response_format(request.response_format)
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
@@ -98,44 +161,24 @@ def error_for_status(
     return ProviderError(provider, f"{where}: {text}")
 
 
-def parse_completion(provider: str, body: bytes, requested_model: str) -> ChatResult:
-    """A unary ``chat.completion``; an answer without a finish reason is incomplete, not short."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ProviderProtocolError(provider, f"{provider} sent a body that is not JSON") from exc
-    if not isinstance(data, dict):
-        raise ProviderProtocolError(provider, f"{provider} sent an unexpected completion shape")
-    if "error" in data and "choices" not in data:
-        raise ProviderProtocolError(provider, f"{provider} returned an error: {error_text(body)}")
-    try:
-        choice = data["choices"][0]
-        if not choice.get("finish_reason"):
-            raise ProviderProtocolError(provider, f"{provider} answered without a finish reason (incomplete)")
-        usage = data.get("usage") or {}
-        return ChatResult(
-            id=str(data.get("id", "")),
-            model=str(data.get("model") or requested_model),
-            content=choice["message"].get("content") or "",
-            finish_reason=finish_reason_from_openai(choice.get("finish_reason")),
-            usage=Usage(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))),
-        )
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
-        raise ProviderProtocolError(provider, f"{provider} sent an unexpected completion shape: {exc!r}") from exc
-
-
 class SSEDecoder:
-    """Incremental decoder of an OpenAI-style SSE stream into text deltas and one end.
+    """Incremental decoder of an OpenAI-style SSE stream into deltas and one end.
 
-    ``feed(bytes)`` returns the deltas completed by those bytes; ``done`` turns true on
-    ``data: [DONE]``; ``end()`` returns the :class:`StreamEnd` or raises when the stream broke
-    the protocol (no finish reason). An in-band error (``data: {"error": ...}``) or malformed data
-    becomes ``error`` (a :class:`ProviderProtocolError`) after the deltas that preceded it in the
-    same read are returned, so the outcome depends on the upstream's events, not on how TCP
-    happened to segment them; the caller raises ``error`` once it has passed those deltas on.
+    ``feed(bytes)`` returns the items completed by those bytes: text (the text of consecutive
+    chunks joined, so one read costs one delta downstream) and :class:`ToolCallDelta` fragments, in
+    arrival order; ``done`` turns true on ``data: [DONE]``; ``end()`` returns the
+    :class:`StreamEnd` or raises when the stream broke the protocol (no finish reason). An in-band
+    error (``data: {"error": ...}``) or malformed data becomes ``error`` (a
+    :class:`ProviderProtocolError`) after the items that preceded it in the same read are
+    returned, so the outcome depends on the upstream's events, not on how TCP happened to segment
+    them; the caller raises ``error`` once it has passed those items on.
+
+    Tool calls are renumbered in order of first appearance. An upstream index normally maps to
+    itself; a new ``id`` at an index already in use is a new call (servers that number every
+    call 0), and a fragment without an index continues the last call unless it brings an ``id``.
     """
 
-    __slots__ = ("_buffer", "done", "error", "finish", "id", "model", "provider", "usage")
+    __slots__ = ("_buffer", "_calls", "_count", "_last", "done", "error", "finish", "id", "model", "provider", "usage")
 
     def __init__(self, provider: str, requested_model: str) -> None:
         self.provider = provider
@@ -146,15 +189,19 @@ class SSEDecoder:
         self.model = requested_model
         self.usage = Usage()
         self.error: ProviderProtocolError | None = None
+        self._calls: dict[int, tuple[str, int]] = {}  # upstream index -> (call id, our index)
+        self._count = 0  # calls seen so far
+        self._last = -1  # the upstream index of the last fragment
 
-    def feed(self, data: bytes) -> list[str]:
-        """Consumes bytes; returns the text deltas they complete (see ``error``)."""
+    def feed(self, data: bytes) -> list[str | ToolCallDelta]:
+        """Consumes bytes; returns the deltas they complete (see ``error``)."""
         if self.error is not None:
             raise self.error
         buffer = self._buffer + data if self._buffer else data
         lines = buffer.split(b"\n")
         self._buffer = lines.pop()
-        deltas: list[str] = []
+        items: list[str | ToolCallDelta] = []
+        texts: list[str] = []
         # The hot loop of every stream: one slice compare and one orjson call per event; JSON
         # allows the space after "data:" and a trailing CR, so nothing is stripped on the way.
         for line in lines:
@@ -189,7 +236,16 @@ class SSEDecoder:
                     if delta:
                         text = delta.get("content")
                         if text:
-                            deltas.append(text)
+                            texts.append(text)
+                        calls = delta.get("tool_calls")
+                        if calls:
+                            if texts:  # text before the call stays before it
+                                items.append("".join(texts))
+                                texts = []
+                            for raw in calls:
+                                fragment = self._tool_delta(raw)
+                                if fragment is not None:
+                                    items.append(fragment)
                     reason = choice.get("finish_reason")
                     if reason:
                         self.finish = reason
@@ -204,9 +260,35 @@ class SSEDecoder:
                     self.provider, f"{self.provider} sent an unexpected chunk shape ({exc!r}): {line[5:85]!r}"
                 )
                 break
-        if self.error is not None and not deltas:
+        if texts:
+            items.append(texts[0] if len(texts) == 1 else "".join(texts))
+        if self.error is not None and not items:
             raise self.error
-        return deltas
+        return items
+
+    def _tool_delta(self, raw: dict[str, Any]) -> ToolCallDelta | None:
+        """One ``delta.tool_calls`` entry as a fragment (None when it carries nothing)."""
+        call_id = raw.get("id") or ""
+        function = raw.get("function") or {}
+        name = function.get("name") or ""
+        arguments = function.get("arguments") or ""
+        if type(arguments) is not str:  # an object instead of JSON text
+            arguments = orjson.dumps(arguments).decode()
+        index = raw.get("index")
+        if index is None:
+            index = self._last if self._last >= 0 and not call_id else max(self._calls, default=-1) + 1
+        if type(index) is not int or index < 0 or type(call_id) is not str or type(name) is not str:
+            raise ValueError(f"a tool call fragment with index {index!r}, id {call_id!r}, name {name!r}")
+        known = self._calls.get(index)
+        if known is None or (call_id and known[0] and call_id != known[0]):
+            known = self._calls[index] = (call_id, self._count)
+            self._count += 1
+        elif call_id and not known[0]:
+            known = self._calls[index] = (call_id, known[1])
+        self._last = index
+        if not (call_id or name or arguments):
+            return None
+        return ToolCallDelta(known[1], call_id, name, arguments)
 
     def end(self) -> StreamEnd:
         """The final item, once the body has ended."""
