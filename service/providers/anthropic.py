@@ -1,25 +1,24 @@
 """Anthropic Messages API through the official SDK (``AsyncAnthropic``).
 
-How it differs from plain OpenAI:
+What is sent and how answers are read is in :mod:`service.providers.anthropic_messages` (roles,
+tools, tool results, images, structured output: which models get the native ``output_config``
+and which a forced tool call). How it differs from plain OpenAI, in short:
 
-* ``system`` is a top-level parameter, not a message: every system message is moved there.
-* Roles must alternate and the conversation must open with a user turn: consecutive same-role
-  messages are merged, and a conversation that opens with the assistant gets a short user turn
-  in front. A trailing assistant message is kept: Anthropic continues it (prefill).
-* ``max_tokens`` is required (the servicer always sets it).
+* ``system`` is top-level; roles alternate and open with the user; ``max_tokens`` is required
+  (the servicer always sets it).
 * Requests the gateway accepts but Anthropic would answer 400 are adjusted, each adjustment
-  recorded as a ``request_adjusted`` event on the attempt span (see :func:`to_params`):
-
-  - ``temperature`` and ``top_p`` together: current Claude models take one or the other, so
-    ``temperature`` is sent and ``top_p`` dropped (temperature is the knob callers set most).
-  - ``temperature`` above 1: Anthropic's range is 0..1 (the gateway's is OpenAI's 0..2), so it
-    is clamped to 1.
-  - whitespace-only stop sequences (``"\\n"``) are rejected by the API: they are dropped.
-  - a final assistant turn (prefill) may not end in whitespace: its trailing whitespace is trimmed.
+  recorded as a ``request_adjusted`` event on the attempt span (see
+  :func:`~service.providers.anthropic_messages.translate`): ``temperature`` with ``top_p`` (only
+  ``temperature`` is sent), ``temperature`` above 1 (clamped: Anthropic's range is 0..1),
+  whitespace-only stop sequences (dropped), a final assistant turn (prefill) ending in whitespace
+  (trimmed), tool history the API would refuse (unanswered calls, stray results, foreign call
+  ids, tool blocks without ``tools``), ``strict`` tools on models without strict tool use.
 * Stop reasons are ``end_turn``/``stop_sequence``/``max_tokens``/``tool_use``/``refusal``/
   ``pause_turn``; usage is ``input_tokens``/``output_tokens``.
-* Streaming is typed events (message_start, content_block_delta with text_delta, message_delta
-  with the stop reason and output tokens, message_stop); a stream without message_stop failed.
+* Streaming is typed events (message_start, content_block_start/delta/stop with ``text_delta`` or
+  ``input_json_delta``, message_delta with the stop reason and output tokens, message_stop); a
+  stream without message_stop failed. Both RPCs are served from it (the router assembles unary
+  answers); :meth:`AnthropicProvider.chat` reads the unary API the same way.
 * 529 ``overloaded_error`` is Anthropic's "busy, retry": retryable like 429 and 5xx.
 * The served models come from ``GET /v1/models``, which lists dated ids only
   (``claude-sonnet-4-5-20250929``); the aliases callers use are derived from them (see
@@ -35,8 +34,6 @@ import asyncio
 import re
 import time
 from collections.abc import AsyncGenerator, Iterable
-from dataclasses import dataclass
-from typing import Any
 
 import anthropic
 import httpx2  # the SDK's HTTP client (a fork of httpx); mid-stream transport errors surface raw
@@ -52,11 +49,24 @@ from service.errors import (
     ProviderTimeoutError,
     ProviderUnavailableError,
 )
+from service.providers.anthropic_messages import (
+    LEADING_USER_TURN,
+    Adjustment,
+    Translated,
+    to_anthropic,
+    to_params,
+    translate,
+)
+from service.providers.anthropic_structured import (
+    StreamDecoder,
+    answer_finish,
+    decode_message,
+    finish_reason,
+    native_structured_output,
+)
 from service.providers.base import (
-    ChatMessage,
     ChatRequest,
     ChatResult,
-    FinishReason,
     HealthReport,
     StreamEnd,
     StreamItem,
@@ -64,107 +74,19 @@ from service.providers.base import (
     retry_after_s,
 )
 
+__all__ = [
+    "LEADING_USER_TURN",
+    "Adjustment",
+    "AnthropicProvider",
+    "finish_reason",
+    "model_aliases",
+    "native_structured_output",
+    "served_with_aliases",
+    "to_anthropic",
+    "to_params",
+]
+
 DEFAULT_BASE_URL = "https://api.anthropic.com"
-# Anthropic requires the first turn to be the user's; this stands in when the caller's is not.
-LEADING_USER_TURN = "(continuing the conversation below)"
-
-_STOP = {
-    "end_turn": FinishReason.STOP,
-    "stop_sequence": FinishReason.STOP,
-    "max_tokens": FinishReason.LENGTH,
-    "tool_use": FinishReason.TOOL_CALLS,
-    "refusal": FinishReason.CONTENT_FILTER,
-}
-
-
-def to_anthropic(messages: tuple[ChatMessage, ...]) -> tuple[str | None, list[dict[str, str]]]:
-    """Splits out the system prompt and makes roles alternate, starting with the user."""
-    system = "\n\n".join(m.content for m in messages if m.role == "system") or None
-    turns: list[dict[str, str]] = []
-    for m in messages:
-        if m.role == "system":
-            continue
-        if turns and turns[-1]["role"] == m.role:
-            turns[-1]["content"] += "\n\n" + m.content
-        else:
-            turns.append({"role": m.role, "content": m.content})
-    if not turns or turns[0]["role"] != "user":
-        turns.insert(0, {"role": "user", "content": LEADING_USER_TURN})
-    return system, turns
-
-
-def finish_reason(stop_reason: str | None) -> FinishReason:
-    """Maps Anthropic's stop_reason to :class:`FinishReason`."""
-    return _STOP.get(stop_reason or "", FinishReason.UNSPECIFIED)
-
-
-@dataclass(frozen=True, slots=True)
-class Adjustment:
-    """One change made to a request so that Anthropic accepts it (recorded on the attempt span).
-
-    Attributes:
-        param: The Anthropic parameter changed (``top_p``, ``temperature``, ``stop_sequences``,
-            ``messages``).
-        action: ``dropped``, ``clamped`` or ``trimmed``.
-        detail: Why, in a sentence (never the caller's text).
-    """
-
-    param: str
-    action: str
-    detail: str
-
-
-def to_params(request: ChatRequest, default_model: str) -> tuple[dict[str, Any], list[Adjustment]]:
-    """The ``messages.create`` arguments for ``request``, and what had to change for Anthropic.
-
-    The gateway validates requests against OpenAI's rules; the adjustments below are the ones
-    Anthropic's API would otherwise answer with a 400 (``invalid_request_error``), which the
-    caller would see as INVALID_ARGUMENT exactly when Anthropic is the last provider left.
-    """
-    adjustments: list[Adjustment] = []
-    system, turns = to_anthropic(request.messages)
-    last = turns[-1]
-    if last["role"] == "assistant" and last["content"] != last["content"].rstrip():
-        # "final assistant content cannot end with trailing whitespace"
-        last["content"] = last["content"].rstrip()
-        action = "trimmed" if last["content"] else "dropped"
-        if not last["content"]:
-            turns.pop()
-        adjustments.append(Adjustment("messages", action, "the final assistant turn (prefill) ended in whitespace"))
-    params: dict[str, Any] = {
-        "model": request.model or default_model,
-        "max_tokens": request.max_tokens,
-        "messages": turns,
-    }
-    if system:
-        params["system"] = system
-    temperature, top_p = request.temperature, request.top_p
-    if temperature is not None and top_p is not None:
-        # "`temperature` and `top_p` cannot both be specified for this model"
-        top_p = None
-        adjustments.append(Adjustment("top_p", "dropped", "Anthropic takes temperature or top_p, not both"))
-    sampling: dict[str, float] = {}
-    if temperature is not None:
-        if temperature > 1.0:
-            adjustments.append(
-                Adjustment("temperature", "clamped", f"{temperature:g} is above Anthropic's range 0..1; sent 1")
-            )
-            temperature = 1.0
-        sampling["temperature"] = temperature
-    if top_p is not None:
-        sampling["top_p"] = top_p
-    if sampling:
-        # SDK 1.0 dropped temperature/top_p from the method signatures (a TypeError before any
-        # request is sent); the API still takes them, and extra_body is the SDK's documented way.
-        params["extra_body"] = sampling
-    stops = [s for s in request.stop if s.strip()]
-    if len(stops) < len(request.stop):
-        # "stop_sequences: each stop sequence must contain non-whitespace"
-        n = len(request.stop) - len(stops)
-        adjustments.append(Adjustment("stop_sequences", "dropped", f"{n} whitespace-only stop sequence(s)"))
-    if stops:
-        params["stop_sequences"] = stops
-    return params, adjustments
 
 
 # ``claude-sonnet-4-5-20250929`` -> stem ``claude-sonnet-4-5``, date ``20250929``.
@@ -229,18 +151,18 @@ class AnthropicProvider:
             raise RuntimeError("anthropic provider used before start()")
         return self._client
 
-    def _params(self, request: ChatRequest) -> dict[str, Any]:
+    def _request(self, request: ChatRequest) -> Translated:
         """The SDK arguments; adjustments go on the current span, which is the attempt's span
         while the router awaits ``chat()`` or a stream's first item (where this runs)."""
-        params, adjustments = to_params(request, self.default_model)
-        if adjustments:
+        translated = translate(request, self.default_model)
+        if translated.adjustments:
             span = trace.get_current_span()
-            for adj in adjustments:
+            for adj in translated.adjustments:
                 span.add_event(
                     "request_adjusted",
                     {"gateway.provider": self.name, "param": adj.param, "action": adj.action, "detail": adj.detail},
                 )
-        return params
+        return translated
 
     def _translate(self, exc: Exception, model: str) -> ProviderError | InvalidRequestError:
         """The one place SDK exceptions become domain errors."""
@@ -287,17 +209,20 @@ class AnthropicProvider:
         return ProviderError(self.name, f"anthropic failed: {type(exc).__name__}: {exc}")
 
     async def chat(self, request: ChatRequest) -> ChatResult:
-        """One unary message."""
-        params = self._params(request)
+        """One unary message (the router serves both RPCs from :meth:`stream`; kept for direct use)."""
+        sent = self._request(request)
+        params = sent.params
         try:
             message = await self.client.messages.create(**params)
-            text = "".join(getattr(block, "text", "") for block in message.content)
+            text, calls, called = decode_message(message.content, sent.answer_tool)
+            stop = message.stop_reason
             result = ChatResult(
                 id=message.id,
                 model=message.model,
                 content=text,
-                finish_reason=finish_reason(message.stop_reason),
+                finish_reason=answer_finish(stop, sent.answer_tool, called),
                 usage=Usage(message.usage.input_tokens, message.usage.output_tokens),
+                tool_calls=calls,
             )
         except anthropic.AnthropicError as exc:
             raise self._translate(exc, params["model"]) from exc
@@ -308,22 +233,28 @@ class AnthropicProvider:
         return result
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamItem, None]:
-        """Streams text deltas; the SDK stream (and its HTTP response) is closed in ``finally``."""
-        params = self._params(request)
+        """Streams text deltas and tool-call fragments; the SDK stream (and its HTTP response) is
+        closed in ``finally``."""
+        sent = self._request(request)
+        params = sent.params
         try:
             events = await self.client.messages.create(**params, stream=True)
         except anthropic.AnthropicError as exc:
             raise self._translate(exc, params["model"]) from exc
+        decoder = StreamDecoder(sent.answer_tool)
         msg_id, model, stop = "", params["model"], None
         input_tokens = output_tokens = 0
         stopped = False
         try:
             async for event in events:
                 kind = event.type
+                items: list[StreamItem] = []
                 if kind == "content_block_delta":
-                    text = getattr(event.delta, "text", None)
-                    if text:
-                        yield text
+                    items = decoder.block_delta(event.index, event.delta)
+                elif kind == "content_block_start":
+                    items = decoder.block_start(event.index, event.content_block)
+                elif kind == "content_block_stop":
+                    items = decoder.block_stop(event.index)
                 elif kind == "message_start":
                     msg_id, model = event.message.id, event.message.model
                     input_tokens = event.message.usage.input_tokens
@@ -333,15 +264,18 @@ class AnthropicProvider:
                 elif kind == "message_stop":
                     stopped = True
                     break
+                for item in items:
+                    yield item
             if not stopped:
                 raise ProviderProtocolError(self.name, "anthropic ended the stream without message_stop")
             if stop is None:
                 raise ProviderProtocolError(self.name, "anthropic ended the stream without a stop reason")
-            yield StreamEnd(msg_id, model, finish_reason(stop), Usage(input_tokens, output_tokens))
+            yield StreamEnd(msg_id, model, decoder.finish(stop), Usage(input_tokens, output_tokens))
         except (anthropic.AnthropicError, httpx2.TransportError) as exc:
             raise self._translate(exc, params["model"]) from exc
         except _MALFORMED as exc:
-            # An event whose data is not JSON (the SDK raises json's error raw) or lacks a field.
+            # An event whose data is not JSON (the SDK raises json's error raw), lacks a field, or
+            # streams arguments for a block that is no tool call.
             raise ProviderProtocolError(self.name, f"anthropic sent a malformed stream event: {exc}") from exc
         finally:
             await events.close()

@@ -12,6 +12,15 @@ whitespace on a final assistant turn.
 record (resolving ``aliases``) or 404 ``not_found_error``.
 Errors use ``{"type": "error", "error": {"type", "message"}, "request_id"}``; streams use the real
 event sequence with ``event:`` lines; in-band errors are ``event: error``.
+
+Tools, content blocks (images, ``tool_use``, ``tool_result``) and ``output_config`` are checked by
+``tests.upstreams.anthropic_rules``. Answers with tool calls are scripted with :class:`Blocks`
+(text and ``tool_use`` blocks, streamed as the real API does: ``content_block_start`` with the
+``tool_use`` block and ``input: {}``, ``input_json_delta`` fragments, ``stop_reason: tool_use``);
+a script that contradicts the request (a tool it does not declare, a call under ``tool_choice:
+none``, text or no call under ``any``/``tool``) fails the test, since the real API guarantees
+those. A plain ``Ok`` under ``tool_choice`` ``any``/``tool`` answers with a call whose input is
+``{}``, as the real API would answer with some call.
 """
 
 from __future__ import annotations
@@ -22,6 +31,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl
 
+from tests.upstreams.anthropic_blocks import (
+    Blocks,
+    TextBlock,
+    ToolUseBlock,
+    _event,
+    block_events,
+    check_script,
+    forced_call,
+    unary_content,
+)
+from tests.upstreams.anthropic_rules import check_content, check_output_config, check_tools
 from tests.upstreams.base import (
     FakeUpstream,
 )
@@ -41,6 +61,8 @@ from tests.upstreams.wire import (
     count_words,
     dumps,
 )
+
+__all__ = ["Blocks", "FakeAnthropic", "TextBlock", "ToolUseBlock"]
 
 DEFAULT_MODEL = "claude-sonnet-4-5"
 
@@ -93,10 +115,6 @@ def _text_of(content: Any) -> str:
     return ""
 
 
-def _event(name: str, data: dict[str, Any]) -> bytes:
-    return b"event: " + name.encode() + b"\ndata: " + dumps(data) + b"\n\n"
-
-
 class FakeAnthropic(FakeUpstream):
     """Anthropic Messages API fake. ``FakeAnthropic(api_key="sk-test").start()``."""
 
@@ -111,6 +129,7 @@ class FakeAnthropic(FakeUpstream):
         strict_roles: bool = True,
         aliases: Mapping[str, str] | None = None,
         exclusive_sampling: bool = True,
+        structured_outputs: Sequence[str] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -122,7 +141,9 @@ class FakeAnthropic(FakeUpstream):
         ``aliases`` maps alias -> model id (``claude-sonnet-4-5`` -> ``claude-sonnet-4-5-20250929``):
         the list names only ids, while messages and ``GET /v1/models/{alias}`` accept aliases.
         ``exclusive_sampling`` rejects ``temperature`` with ``top_p`` (current models; Claude 3 took
-        both). Set ``models_status`` to answer every ``/v1/models*`` request with that status.
+        both). ``structured_outputs`` lists the models that take ``output_config.format`` and
+        ``strict`` tools (None: every model). Set ``models_status`` to answer every ``/v1/models*``
+        request with that status.
         """
         super().__init__(host=host, port=port)
         self.models = list(models) if models is not None else None
@@ -131,7 +152,9 @@ class FakeAnthropic(FakeUpstream):
         self.strict_roles = strict_roles
         self.aliases = dict(aliases or {})
         self.exclusive_sampling = exclusive_sampling
+        self.structured_outputs = list(structured_outputs) if structured_outputs is not None else None
         self.models_status: int | None = None
+        self._replay: Any = None
 
     def response_headers(self) -> dict[str, str]:
         """Every response carries a ``request-id`` like the real API."""
@@ -263,7 +286,19 @@ class FakeAnthropic(FakeUpstream):
             text = _text_of(last.get("content"))
             if text != text.rstrip():
                 return TRAILING_PREFILL
-        return self._validate_sampling(body)
+        structured = self._structured(str(body["model"]))
+        return (
+            check_content(messages, bool(body.get("tools")))
+            or check_tools(body, structured)
+            or check_output_config(body, structured)
+            or self._validate_sampling(body)
+        )
+
+    def _structured(self, model: str) -> bool:
+        """Whether ``model`` (or the id its alias names) takes structured outputs."""
+        if self.structured_outputs is None:
+            return True
+        return model in self.structured_outputs or self.aliases.get(model) in self.structured_outputs
 
     async def _messages(self, rec: RecordedRequest, ex: Exchange) -> None:
         body = rec.json
@@ -286,6 +321,35 @@ class FakeAnthropic(FakeUpstream):
             await ex.respond(*self.behaviour_error(ctx, UnknownModel()))
             return
         await self.run_chat(ctx, ex)
+
+    # -- scripted blocks ---------------------------------------------------------------
+
+    def next_behaviour(self) -> Any:
+        """The behaviour :meth:`run_chat` already took, else the next one queued."""
+        if self._replay is not None:
+            beh, self._replay = self._replay, None
+            return beh
+        return super().next_behaviour()
+
+    async def run_chat(self, ctx: ChatContext, ex: Exchange) -> None:
+        """Answers :class:`Blocks` here; everything else through the shared driver."""
+        beh = forced_call(ctx.body, self.next_behaviour())
+        if not isinstance(beh, Blocks):
+            # The shared driver takes its behaviour first thing, before any await: it gets this one.
+            self._replay = beh
+            await super().run_chat(ctx, ex)
+            return
+        ctx.record.behaviour = beh  # type: ignore[assignment]  # a stand-in-only behaviour
+        check_script(ctx.body, beh)
+        if not ctx.stream:
+            content, n = unary_content(beh)
+            await ex.respond(200, dumps(self._message(ctx, content, beh.stop, n)))
+            return
+        await ex.start_stream()
+        start = {"type": "message_start", "message": self._message(ctx, [], None, 1)}
+        for event in [_event("message_start", start), *block_events(beh)]:
+            await ex.send_event(event)
+        await ex.end_stream()
 
     # -- provider hooks ----------------------------------------------------------------
 
