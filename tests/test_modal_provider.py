@@ -196,11 +196,6 @@ async def test_gateway_start_does_not_wake_a_cold_modal(modal: FakeOpenAI) -> No
         vast.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="service/routing/health.py's wake-up polls check_health, which (by design) never wakes a "
-    "cold Modal; it must call ModalProvider.wake() instead (router owner's change)",
-)
 async def test_a_wake_up_reaches_a_cold_modal_and_traffic_returns(modal: FakeOpenAI) -> None:
     vast = FakeOpenAI(models=[MODAL_MODEL]).start()
     vast.default = Ok(tokens=["v1 ", "v2"])
@@ -208,7 +203,7 @@ async def test_a_wake_up_reaches_a_cold_modal_and_traffic_returns(modal: FakeOpe
     running = await _gateway_with_cold_modal(modal, vast, stats)
     try:
         assert (await call(running.stub, "Chat")).provider == "vastai"  # starts the one wake-up
-        modal.wait_for_requests(1, timeout=3.0, chat_only=False)
+        await asyncio.to_thread(modal.wait_for_requests, 1, 3.0, chat_only=False)  # never block the loop
         stats.containers = 1
         for _ in range(50):
             outcome = await call(running.stub, "Chat")

@@ -255,12 +255,18 @@ class HealthMonitor:
         self.on_change = on_change
         self._task: asyncio.Task[None] | None = None
 
-    async def check(self, slot: ProviderSlot, *, definitive: bool = False) -> None:
-        """Probes one provider and records the outcome."""
+    async def check(self, slot: ProviderSlot, *, definitive: bool = False, wake: bool = False) -> None:
+        """Probes one provider and records the outcome.
+
+        ``wake``: this probe is meant to start a scaled-to-zero provider. A provider that can tell
+        its warmth without waking itself (Modal, through its API) has a ``wake(timeout_s)`` for
+        that; its ``check_health`` deliberately never starts a container.
+        """
         if not slot.started:
             return  # its start-up is being retried; nothing to probe yet
+        waker = getattr(slot.provider, "wake", None) if wake else None
         try:
-            report = await slot.provider.check_health(self.timeout_s)
+            report = await (waker or slot.provider.check_health)(self.timeout_s)
         except Exception as exc:  # a probe must never kill the monitor
             report = HealthReport(False, 0.0, error=f"probe crashed: {type(exc).__name__}: {exc}")
         before = slot.state
@@ -290,7 +296,7 @@ class HealthMonitor:
         while time.monotonic() < deadline:
             # On Modal one probe blocks until a replica is up; a stand-in that refuses
             # connections is polled instead. Either way only this task talks to it.
-            await self.check(slot)
+            await self.check(slot, wake=True)
             if slot.state is HealthState.HEALTHY:
                 slot.breaker.record_success()
                 log.info("provider %s is warm again", slot.name)
