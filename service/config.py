@@ -62,6 +62,9 @@ Providers = Annotated[
 ListenAddress = Annotated[str, AfterValidator(_listen_address)]
 LogLevel = Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(_upper)]
 ModalValidateMode = Annotated[Literal["stats", "probe", "off"], BeforeValidator(_lower)]
+Usd = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+UsdPerHour = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+GpuType = Annotated[str, BeforeValidator(_upper)]
 Secret = Annotated[str, Field(repr=False)]
 
 # Settings.from_env passes its mapping to the source through this (pydantic-settings reads os.environ).
@@ -135,6 +138,17 @@ class Settings(BaseSettings):
     cold_start_policy: Literal["fallback", "wait"] = "fallback"
     cold_start_timeout_s: Seconds = 600.0
     wake_poll_interval_s: Seconds = 2.0
+    # spend: ledger, prices, budgets (docs/cost.md)
+    ledger_url: Secret = "sqlite:///./.state/ledger.sqlite3"  # may carry a database password
+    ledger_flush_interval_ms: PositiveInt = 200
+    ledger_queue_max: PositiveInt = 100_000
+    prices_file: str = ""
+    modal_gpu_type: GpuType = "L4"
+    modal_gpu_price_per_hour: UsdPerHour | None = None  # None: the MODAL_GPU_TYPE price (modal_vllm.pricing)
+    vastai_price_per_hour: Usd = 0.0
+    modal_monthly_budget_usd: Usd = 30.0  # the original design's figure
+    vastai_monthly_budget_usd: Usd = 0.0
+    anthropic_monthly_budget_usd: Usd = 0.0
     # server
     shutdown_grace_s: NonNegativeSeconds = 10.0
     log_level: LogLevel = "INFO"
@@ -215,6 +229,16 @@ class Settings(BaseSettings):
                 "MODAL_VALIDATE_ON_START=stats reads Modal's container count, which needs MODAL_TOKEN_ID and "
                 "MODAL_TOKEN_SECRET; set them, or choose probe (wakes the GPU) or off"
             )
+        if not self.ledger_url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            problems.append("LEDGER_URL must be sqlite:///path or postgresql://user@host/db")
+        if self.modal_gpu_price_per_hour is None and not self.prices_file:
+            from modal_vllm.pricing import GPU_PRICE_USD_PER_HOUR
+
+            if self.modal_gpu_type not in GPU_PRICE_USD_PER_HOUR:
+                problems.append(
+                    f"MODAL_GPU_TYPE={self.modal_gpu_type} has no built-in price "
+                    f"({', '.join(GPU_PRICE_USD_PER_HOUR)} have); set MODAL_GPU_PRICE_PER_HOUR or PRICES_FILE"
+                )
         if len(set(self.provider_order)) != len(self.provider_order):
             problems.append(f"PROVIDER_ORDER names a provider twice: {','.join(self.provider_order)}")
         if problems:
@@ -317,6 +341,23 @@ ENV_DOCS: list[tuple[str, str, str]] = [
     ("MODELS_FILE", "", "TOML model catalogue: names mapped to each provider's model id (docs/agents.md)"),
     ("COLD_START_TIMEOUT_S", "600", "how long a wake-up keeps polling a cold provider"),
     ("WAKE_POLL_INTERVAL_S", "2", "pause between wake-up health polls"),
+    (
+        "LEDGER_URL",
+        "sqlite:///./.state/ledger.sqlite3",
+        "where every call's usage record goes: sqlite:///path (WAL) or postgresql://user@host/db (shared by replicas)",
+    ),
+    ("LEDGER_FLUSH_INTERVAL_MS", "200", "the ledger commits queued records in one batch this often"),
+    ("LEDGER_QUEUE_MAX", "100000", "records held while the ledger cannot be written; more are dropped and counted"),
+    ("PRICES_FILE", "", "TOML prices over the built-in ones: Anthropic per model, GPU per hour (docs/cost.md)"),
+    ("MODAL_GPU_TYPE", "L4", "GPU of the Modal deployment, for its price (L4 0.80, A10G 1.10, A100 3.00, H100 4.50)"),
+    ("MODAL_GPU_PRICE_PER_HOUR", "(from MODAL_GPU_TYPE)", "USD per hour of the Modal container"),
+    ("VASTAI_PRICE_PER_HOUR", "0", "USD per hour of the legacy vLLM host; 0 = not priced"),
+    ("MODAL_MONTHLY_BUDGET_USD", "30", "Modal's monthly budget; at it routing skips Modal (idle counts); 0 = none"),
+    (
+        "VASTAI_MONTHLY_BUDGET_USD / ANTHROPIC_MONTHLY_BUDGET_USD",
+        "0",
+        "the other providers' monthly budgets; 0 = no limit",
+    ),
     ("SHUTDOWN_GRACE_S", "10", "seconds in-flight calls get to finish on SIGTERM"),
     ("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
     ("LOG_CONTENT", "false", "log message content (never on by default)"),
