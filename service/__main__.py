@@ -18,8 +18,9 @@ def main() -> int:
         for line in str(exc).splitlines():
             print(f"configuration error: {line}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is noise
+    from service.observe.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
     from service.server import serve
 
     try:

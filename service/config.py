@@ -56,10 +56,22 @@ def _listen_address(value: str) -> str:
     return value
 
 
+def _metrics_address(value: str) -> str:
+    """Empty (off unless METRICS_PORT or OTEL_METRICS_EXPORTER asks) or host:port; never a unix socket."""
+    if not value:
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("must be host:port with a port from 0 to 65535, e.g. 127.0.0.1:9464")
+    return value
+
+
 Providers = Annotated[
     tuple[Literal["modal", "vastai", "anthropic", "local"], ...], NoDecode, BeforeValidator(_comma_list)
 ]
 ListenAddress = Annotated[str, AfterValidator(_listen_address)]
+MetricsAddress = Annotated[str, AfterValidator(_metrics_address)]
+LogFormat = Annotated[Literal["text", "json"], BeforeValidator(_lower)]
 LogLevel = Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(_upper)]
 ModalValidateMode = Annotated[Literal["stats", "probe", "off"], BeforeValidator(_lower)]
 Usd = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -154,6 +166,9 @@ class Settings(BaseSettings):
     log_level: LogLevel = "INFO"
     log_content: bool = False
     metrics_port: Port = 0
+    metrics_address: MetricsAddress = ""
+    log_format: LogFormat = "text"
+    forward_baggage: bool = False
     # security
     inference_api_keys: Secret = ""
     inference_api_keys_file: str = ""
@@ -166,6 +181,9 @@ class Settings(BaseSettings):
     admission_wait_s: NonNegativeSeconds = 0.0
     rate_limit_rpm: NonNegativeInt = 0
     rate_limit_tpm: NonNegativeInt = 0
+    tenants_file: str = ""
+    config_reload_interval_s: NonNegativeSeconds = 2.0
+    healthcheck_api_key: Secret = ""
 
     @classmethod
     def settings_customise_sources(
@@ -361,7 +379,15 @@ ENV_DOCS: list[tuple[str, str, str]] = [
     ("SHUTDOWN_GRACE_S", "10", "seconds in-flight calls get to finish on SIGTERM"),
     ("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
     ("LOG_CONTENT", "false", "log message content (never on by default)"),
-    ("METRICS_PORT", "0", "Prometheus scrape port on the listen host; 0 = off"),
+    ("METRICS_PORT", "0", "Prometheus scrape port on 127.0.0.1 (METRICS_ADDRESS sets the host too); 0 = off"),
+    (
+        "METRICS_ADDRESS",
+        "127.0.0.1:9464 when on",
+        "host:port of the Prometheus scrape endpoint, bound on its own; on when set, when METRICS_PORT is set, "
+        "or when OTEL_METRICS_EXPORTER lists prometheus",
+    ),
+    ("LOG_FORMAT", "text", "text (for humans) or json (every log record one JSON object per line)"),
+    ("FORWARD_BAGGAGE", "false", "forward the caller's W3C baggage to the upstreams (traceparent always goes)"),
     ("INFERENCE_API_KEYS", "", "tenant:token pairs, comma separated; empty = auth off"),
     ("INFERENCE_API_KEYS_FILE", "", "file with one tenant:token per line"),
     ("ADMIN_API_KEYS", "", "name:token pairs allowed to call GetProviderStatus"),
@@ -372,4 +398,17 @@ ENV_DOCS: list[tuple[str, str, str]] = [
     ("ADMISSION_WAIT_S", "0", "how long a call over the concurrency limit may wait for a slot"),
     ("RATE_LIMIT_RPM", "0", "requests per minute per tenant; 0 = unlimited"),
     ("RATE_LIMIT_TPM", "0", "tokens per minute per tenant; 0 = unlimited"),
+    (
+        "TENANTS_FILE",
+        "",
+        "TOML policy per tenant (rpm, burst, tpm, max_concurrent, models, providers); [defaults] for the rest "
+        "(docs/security.md)",
+    ),
+    (
+        "CONFIG_RELOAD_INTERVAL_S",
+        "2",
+        "seconds between checks of TENANTS_FILE, INFERENCE_API_KEYS_FILE and the TLS files for changes; "
+        "0 = reload on SIGHUP only",
+    ),
+    ("HEALTHCHECK_API_KEY", "", "token python -m service.healthcheck sends when AUTH_EXEMPT_HEALTH=false"),
 ]

@@ -1,11 +1,15 @@
 """``python -m service.healthcheck``: the standard grpc.health.v1 Check against this service, for
 container and exec probes. Exit 0 when SERVING, 1 otherwise.
 
-It reads the service's own variables: GRPC_LISTEN_ADDRESS (a wildcard host becomes 127.0.0.1) and,
-when TLS_CERT_FILE is set, speaks TLS trusting HEALTHCHECK_CA_FILE (default: TLS_CERT_FILE itself,
-right for a self-signed certificate), presenting HEALTHCHECK_CLIENT_CERT_FILE/_KEY_FILE when the
-server requires client certificates, and checking the name HEALTHCHECK_SERVER_NAME (default
-``localhost``).
+It reads the service's own variables: GRPC_LISTEN_ADDRESS (a wildcard host becomes 127.0.0.1; a
+``unix:`` socket is dialled as it is) and, when TLS_CERT_FILE is set, speaks TLS trusting
+HEALTHCHECK_CA_FILE (default: TLS_CERT_FILE itself, right for a self-signed certificate),
+presenting HEALTHCHECK_CLIENT_CERT_FILE/_KEY_FILE when the server requires client certificates,
+and checking the name HEALTHCHECK_SERVER_NAME (default ``localhost``). With AUTH_EXEMPT_HEALTH=false
+the health service needs a key: HEALTHCHECK_API_KEY is sent as ``authorization: Bearer <token>``.
+
+It stays a few lines of grpc on purpose: it runs every few seconds in the container, so it does not
+import the service's settings.
 """
 
 from __future__ import annotations
@@ -25,12 +29,19 @@ def _read(path: str) -> bytes | None:
         return f.read()
 
 
-def check(env: Mapping[str, str], timeout_s: float = 4.0) -> bool:
-    """True when the service answers SERVING."""
-    host, _, port = env.get("GRPC_LISTEN_ADDRESS", "127.0.0.1:50051").rpartition(":")
+def target_of(address: str) -> str:
+    """The address to dial for a listen address (wildcards become loopback)."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return address
+    host, _, port = address.rpartition(":")
     if host in ("", "0.0.0.0", "[::]", "::"):
         host = "127.0.0.1"
-    target = f"{host}:{port}"
+    return f"{host}:{port}"
+
+
+def check(env: Mapping[str, str], timeout_s: float = 4.0) -> bool:
+    """True when the service answers SERVING."""
+    target = target_of(env.get("GRPC_LISTEN_ADDRESS", "127.0.0.1:50051"))
     if env.get("TLS_CERT_FILE"):
         credentials = grpc.ssl_channel_credentials(
             _read(env.get("HEALTHCHECK_CA_FILE") or env["TLS_CERT_FILE"]),
@@ -41,9 +52,13 @@ def check(env: Mapping[str, str], timeout_s: float = 4.0) -> bool:
         channel = grpc.secure_channel(target, credentials, options=[("grpc.ssl_target_name_override", name)])
     else:
         channel = grpc.insecure_channel(target)
+    token = env.get("HEALTHCHECK_API_KEY", "").strip()
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
     with channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout_s, metadata=metadata
+            )
         except grpc.RpcError as exc:
             print(f"health check failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return False

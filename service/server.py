@@ -1,11 +1,12 @@
-"""Builds and runs the gRPC server: InferenceService, grpc.health.v1, reflection, graceful stop."""
+"""Builds and runs the gRPC server: InferenceService, grpc.health.v1, reflection, graceful stop,
+and reloads of keys, tenant policy and TLS files (SIGHUP, or a changed file)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -15,7 +16,9 @@ from inference.v1 import inference_pb2, inference_pb2_grpc
 
 from service.api.servicer import InferenceServicer
 from service.config import Settings
-from service.guard.security import Security
+from service.guard.security import ReloadResult, Security
+from service.guard.watch import FileWatcher
+from service.observe import metrics
 from service.observe.interceptors import TelemetryInterceptor
 from service.providers.base import Provider
 from service.providers.registry import build_chain, plan_chain
@@ -24,6 +27,41 @@ from service.routing.router import Router
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+
+class CatalogueScope:
+    """What a model name means here, for tenant model restrictions: the router's catalogue."""
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    def aliases(self, model: str) -> frozenset[str]:
+        """``model``, plus a catalogue name's model ids, or the catalogue names routing to an id."""
+        names = {model}
+        for entry in self._router.catalogue.entries.values():
+            ids = {m for _, m in entry.routes}
+            if entry.name == model:
+                names |= ids
+            elif model in ids:
+                names.add(entry.name)
+        return frozenset(names)
+
+    def defaults(self, providers: frozenset[str] | None) -> frozenset[str]:
+        """The catalogue's default name, else each allowed provider's default model."""
+        catalogue = self._router.catalogue
+        if catalogue.from_file and catalogue.default:
+            return frozenset((catalogue.default,))
+        return frozenset(
+            s.provider.default_model for s in self._router.slots if providers is None or s.name in providers
+        )
+
+    def configured(self) -> set[str]:
+        """Every model name configuration knows (the metrics' model label values)."""
+        names = {s.provider.default_model for s in self._router.slots}
+        for entry in self._router.catalogue.entries.values():
+            names.add(entry.name)
+            names.update(m for _, m in entry.routes)
+        return names
 
 
 class Gateway:
@@ -42,10 +80,13 @@ class Gateway:
             providers = build_chain(settings)
         self.router = Router(providers, settings)
         self.health = HealthServicer()
-        self.security = Security(settings)
+        self.scope = CatalogueScope(self.router)
+        self.security = Security(settings, self.scope)
         self._interceptors = list(interceptors)
         self.server: grpc.aio.Server | None = None
         self.port = 0
+        self._watcher: FileWatcher | None = None
+        self._unwatch_circuits: Callable[[], None] | None = None
 
     def in_flight(self) -> int:
         """Calls being served now (kept by the admission interceptor)."""
@@ -66,9 +107,28 @@ class Gateway:
             return int(server.add_secure_port(self.settings.grpc_listen_address, credentials))
         return int(server.add_insecure_port(self.settings.grpc_listen_address))
 
+    def _label_values(self) -> None:
+        metrics.configure_labels(self.scope.configured(), self.security.tenant_names())
+
+    def reload(self, trigger: str) -> ReloadResult:
+        """Reloads keys, TENANTS_FILE and TLS files (each part on its own; a broken one stays as it was)."""
+        result = self.security.reload(trigger)
+        for part in result.failed:
+            metrics.record_reload_failure(part)
+        if result.changed:
+            self._label_values()
+        return result
+
+    def _file_changed(self, what: str) -> None:
+        self.reload(f"changed: {what}")
+
     async def start(self) -> int:
-        """Starts providers and the server; returns the bound port."""
+        """Starts providers and the server; returns the bound port (1 for a unix socket)."""
         self.security.check_bind()
+        self._label_values()
+        self._unwatch_circuits = metrics.watch_circuits(
+            lambda: [(s.name, s.breaker.state.value) for s in self.router.slots]
+        )
         self.router.monitor.on_change = self._publish_health
         self.router.on_change = self._publish_health
         await self.router.start()
@@ -89,7 +149,7 @@ class Gateway:
         ]
         # Telemetry outermost: rejected calls (auth, admission) get spans and access-log lines too.
         interceptors = [
-            TelemetryInterceptor(self.settings.log_content),
+            TelemetryInterceptor(self.settings.log_content, self.settings.forward_baggage),
             *self.security.interceptors(),
             *self._interceptors,
         ]
@@ -107,12 +167,23 @@ class Gateway:
         await server.start()
         self.server = server
         await self._publish_health()
-        log.info("serving %s on %s (port %d)", SERVICE_NAME, self.settings.grpc_listen_address, self.port)
+        address = self.settings.grpc_listen_address
+        log.info(
+            "serving %s on %s%s", SERVICE_NAME, address, "" if address.startswith("unix") else f" (port {self.port})"
+        )
+        self._watcher = FileWatcher(
+            self.security.watched_files(), self.settings.config_reload_interval_s, self._file_changed
+        )
+        self._watcher.start()
         return self.port
 
     async def stop(self, grace_s: float | None = None) -> None:
         """NOT_SERVING first (load balancers stop sending), then drain, then close providers."""
         await self.health.enter_graceful_shutdown()
+        if self._watcher is not None:
+            await self._watcher.stop()
+        if self._unwatch_circuits is not None:
+            self._unwatch_circuits()
         if self.server is not None:
             await self.server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
         await self.router.aclose()
@@ -134,6 +205,7 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, gateway.reload, "SIGHUP")
     await stop.wait()
     log.info("shutting down: draining for up to %.1f s", settings.shutdown_grace_s)
     await gateway.stop()

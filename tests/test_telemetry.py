@@ -12,16 +12,13 @@ import grpc
 import pytest
 import pytest_asyncio
 from inference.v1 import inference_pb2 as pb
-from opentelemetry import metrics, trace
-from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 
-from service.observe import metrics as gateway_metrics
 from tests.conftest import RunningGateway, start_gateway, stop_gateway
+from tests.otel_memory import delta, install, snapshot, unit
 from tests.routing_helpers import MESSAGES, MODAL_MODEL, chain_settings
 from tests.upstreams import FakeOpenAI, Ok, Status
 
@@ -32,16 +29,10 @@ TRACEPARENT = f"00-{TRACE_ID}-{PARENT_SPAN_ID}-01"
 
 @pytest.fixture(scope="module")
 def otel() -> Iterator[tuple[InMemorySpanExporter, InMemoryMetricReader]]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
-    reader = InMemoryMetricReader()
-    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
-    gateway_metrics.reset()
-    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+    installed = install()
+    if installed is None:
         pytest.skip("another test installed a tracer provider first")
-    yield exporter, reader
+    yield installed
 
 
 @pytest_asyncio.fixture
@@ -77,12 +68,15 @@ async def test_fallback_span_tree(fallback_chain: Any, rpc: str) -> None:
     # The caller's traceparent is the server span's parent.
     assert f"{server.context.trace_id:032x}" == TRACE_ID
     assert server.parent is not None and f"{server.parent.span_id:016x}" == PARENT_SPAN_ID
-    assert server.attributes["rpc.grpc.status_code"] == "OK" and server.attributes["gateway.served_by"] == "vastai"
+    assert server.attributes["rpc.grpc.status_code"] == 0 and server.attributes["gateway.served_by"] == "vastai"
+    assert server.status.status_code is StatusCode.UNSET
 
     (route,) = by_name(spans, "route ")
     assert route.parent is not None and route.parent.span_id == server.context.span_id
     assert route.attributes["gateway.chain"] == ("modal", "vastai")
-    assert route.attributes["gateway.served_by"] == "vastai" and route.attributes["gateway.fallbacks"] == 2
+    # Three attempts (modal, modal again, vastai): one change of provider, the retry is not one.
+    assert route.attributes["gateway.served_by"] == "vastai" and route.attributes["gateway.fallbacks"] == 1
+    assert route.attributes["gateway.attempts"] == 3
     events = [(e.name, dict(e.attributes or {})) for e in route.events]
     assert ("retry", {"provider": "modal", "reason": "PROVIDER_UNAVAILABLE"}) in [
         (n, {k: v for k, v in a.items() if k != "delay_s"}) for n, a in events
@@ -95,7 +89,7 @@ async def test_fallback_span_tree(fallback_chain: Any, rpc: str) -> None:
         assert span.kind is SpanKind.CLIENT and span.name == f"chat {MODAL_MODEL}"
         assert span.parent is not None and span.parent.span_id == route.context.span_id  # children, not siblings
         assert span.context.trace_id == server.context.trace_id
-        assert span.attributes["gen_ai.operation.name"] == "chat"
+        assert span.attributes["gen_ai.operation.name"] == "chat" and span.attributes["gen_ai.provider.name"] == "vllm"
         assert span.attributes["gen_ai.request.model"] == MODAL_MODEL
         assert span.attributes["gen_ai.request.max_tokens"] == 7
         assert span.attributes["gen_ai.request.temperature"] == pytest.approx(0.5)
@@ -115,28 +109,50 @@ async def test_fallback_span_tree(fallback_chain: Any, rpc: str) -> None:
 
 async def test_metrics_are_recorded(fallback_chain: Any) -> None:
     running, _, _, (_, reader) = fallback_chain
+    before = snapshot(reader)
     async for _ in running.stub.ChatStream(pb.ChatStreamRequest(messages=MESSAGES)):
         pass
     await running.stub.Chat(pb.ChatRequest(messages=MESSAGES))
-    data = reader.get_metrics_data()
-    points: dict[str, list[dict[str, Any]]] = {}
-    for rm in data.resource_metrics:
-        for sm in rm.scope_metrics:
-            for m in sm.metrics:
-                points.setdefault(m.name, []).extend(dict(p.attributes or {}) for p in m.data.data_points)
-    assert {
-        "gen_ai.client.token.usage",
+    after = snapshot(reader)
+
+    def changed(name: str, **attrs: Any) -> Any:
+        return delta(before, after, name, **attrs)
+
+    # Each call: modal refused twice (first try and one retry), then vastai served it.
+    vllm = {"gen_ai.provider.name": "vllm"}
+    modal_error = {"gateway.provider": "modal", "outcome": "error", "error.type": "PROVIDER_UNAVAILABLE", **vllm}
+    assert changed("gateway.provider.attempts", **modal_error).value == 4
+    assert changed("gateway.provider.attempts", **{"gateway.provider": "vastai", "outcome": "ok", **vllm}).value == 2
+    assert changed("gateway.fallbacks", **{"gateway.provider": "modal", "gateway.fallback.to": "vastai"}).value == 2
+    served = {
+        "gen_ai.operation.name": "chat",
+        "gateway.provider": "vastai",
+        "gen_ai.request.model": MODAL_MODEL,
+        **vllm,
+    }
+    output = changed("gen_ai.client.token.usage", **served, **{"gen_ai.token.type": "output"})
+    assert (output.count, output.value) == (2, 6), "three tokens per answer, as the upstream reported"
+    prompt = changed("gen_ai.client.token.usage", **served, **{"gen_ai.token.type": "input"})
+    assert prompt.count == 2 and prompt.value > 0
+    duration = changed("gen_ai.client.operation.duration", **served)
+    assert duration.count == 2 and 0 < duration.value < 10
+    failed = changed(
         "gen_ai.client.operation.duration",
-        "gen_ai.client.operation.time_to_first_chunk",
-        "gateway.overhead.duration",
-        "gateway.provider.attempts",
-        "gateway.rpc.calls",
-        "gateway.active_streams",
-    } <= set(points)
-    assert {a["gen_ai.token.type"] for a in points["gen_ai.client.token.usage"]} == {"input", "output"}
-    attempts = points["gateway.provider.attempts"]
-    assert {"gateway.provider": "modal", "outcome": "error", "error.type": "PROVIDER_UNAVAILABLE"} in attempts
-    assert {"gateway.provider": "vastai", "outcome": "ok"} in attempts
+        **{**served, "gateway.provider": "modal"},
+        **{"error.type": "PROVIDER_UNAVAILABLE"},
+    )
+    assert failed.count == 4
+    assert changed("gen_ai.client.operation.time_to_first_chunk", **served).count == 2
+    for method in ("Chat", "ChatStream"):
+        calls = {"rpc.method": method, "rpc.grpc.status_code": 0, "gateway.tenant": "anonymous"}
+        assert changed("gateway.rpc.calls", **calls).value == 1
+        overhead = changed("gateway.overhead.duration", **{"rpc.method": method})
+        assert overhead.count == 1 and 0 <= overhead.value < 0.5
+    assert after[("gateway.active_streams", frozenset())].value == 0, "the stream ended"
+    assert unit(after, "gen_ai.client.token.usage") == "{token}"
+    for name in ("gen_ai.client.operation.duration", "gen_ai.client.operation.time_to_first_chunk"):
+        assert unit(after, name) == "s"
+    assert unit(after, "gateway.overhead.duration") == "s" and unit(after, "gateway.provider.attempts") == "{attempt}"
 
 
 async def test_access_log_and_overhead_trailer(fallback_chain: Any, caplog: pytest.LogCaptureFixture) -> None:
@@ -145,12 +161,19 @@ async def test_access_log_and_overhead_trailer(fallback_chain: Any, caplog: pyte
     call = running.stub.Chat(pb.ChatRequest(messages=MESSAGES), metadata=(("traceparent", TRACEPARENT),))
     await call
     trailer = dict(await call.trailing_metadata())
-    assert float(trailer["x-gateway-overhead-ms"]) >= 0
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "service.access"]
     line = lines[-1]
     assert line["method"] == "Chat" and line["code"] == "OK" and line["provider"] == "vastai"
     assert line["attempts"] == 3 and line["completion_tokens"] == 3 and line["trace_id"] == TRACE_ID
-    assert line["latency_ms"] >= line["overhead_ms"] >= 0 and len(line["span_id"]) == 16
+    assert line["usage_reported"] is True and len(line["span_id"]) == 16
+    # The call's time is upstream + waits (the retry's backoff) + overhead, and nothing is counted twice.
+    parts = line["upstream_ms"] + line["wait_ms"] + line["overhead_ms"]
+    assert line["upstream_ms"] > 0 and line["wait_ms"] >= 0
+    assert abs(line["latency_ms"] - parts) < 0.01 or line["overhead_ms"] == 0
+    # The gateway's own work on a loopback call is a millisecond or two; a wait or an upstream
+    # counted as overhead would take it well past this bound.
+    assert 0 <= float(trailer["x-gateway-overhead-ms"]) < 50 and line["overhead_ms"] < 50
+    assert float(trailer["x-gateway-wait-ms"]) == pytest.approx(line["wait_ms"], abs=0.01)
     assert "hello there" not in caplog.text  # no message content in logs
 
 

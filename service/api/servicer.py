@@ -20,6 +20,7 @@ from service.api.status import to_grpc_status
 from service.api.validation import to_domain
 from service.config import Settings
 from service.errors import GatewayError
+from service.guard.policy import allowed_providers
 from service.guard.redaction import redact
 from service.observe import metrics
 from service.providers.base import FinishReason, ToolCall, ToolCallDelta, Usage
@@ -125,7 +126,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
         """Unary chat."""
         try:
             domain, policy = to_domain(request, self.settings)
-            routed = await self.router.chat(domain, _deadline(context), policy)
+            routed = await self.router.chat(domain, _deadline(context), policy, providers=allowed_providers())
         except GatewayError as exc:
             await context.abort_with_status(to_grpc_status(exc))
             raise  # unreachable: abort raises
@@ -153,7 +154,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
         Delta = pb.ChatStreamDelta
         Response = pb.ChatStreamResponse
         try:
-            async with aclosing(self.router.stream(domain, _deadline(context), policy)) as events:
+            providers = allowed_providers()
+            async with aclosing(self.router.stream(domain, _deadline(context), policy, providers=providers)) as events:
                 async for item in events:
                     if isinstance(item, str):
                         yield Response(delta=Delta(text=item))

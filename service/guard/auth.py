@@ -41,7 +41,8 @@ ANONYMOUS = "anonymous"
 """The tenant of every call when authentication is off."""
 
 # Names appear in logs, metrics and error messages, so they are kept to a tame alphabet.
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}"
+_NAME = re.compile(NAME_PATTERN)
 # gRPC metadata values are printable ASCII; a token with anything else could never be sent.
 _TOKEN = re.compile(r"[\x21-\x7e]+")
 MIN_TOKEN_CHARS = 16  # shorter tokens are accepted with a warning: they can be guessed
@@ -106,6 +107,13 @@ def _file_entries(path: str) -> list[tuple[str, str]]:
         line = line.strip()
         if line and not line.startswith("#"):
             entries.append((f"INFERENCE_API_KEYS_FILE {path} line {n}", line))
+    if not entries:
+        # An empty file is a mistake (a secret not mounted yet, a truncated write), never a wish to
+        # turn authentication off: that is done by unsetting the variable.
+        raise ConfigError(
+            f"INFERENCE_API_KEYS_FILE={path} holds no keys (only blank or comment lines): add tenant:token "
+            "lines, or unset INFERENCE_API_KEYS_FILE to run without it"
+        )
     return entries
 
 
@@ -145,6 +153,10 @@ class KeyRing:
     def secrets(self) -> tuple[str, ...]:
         """Every token, the file's included (``Settings.secrets()`` cannot see the file)."""
         return self._secrets
+
+    def same_keys(self, other: KeyRing) -> bool:
+        """Whether ``other`` holds exactly these keys for exactly these names (a reload changed nothing)."""
+        return set(self._keys) == set(other._keys)
 
     def lookup(self, token: str) -> Principal | None:
         """The principal ``token`` belongs to, or None; constant time in the token's value."""

@@ -1,5 +1,12 @@
 """Secret redaction: configured secrets never leave the process in logs, errors or traces.
 
+Two rules, applied by :func:`redact`:
+
+* every registered secret (API keys, upstream credentials, OTLP header values), whatever its
+  length, is replaced by ``[REDACTED]``: a short key is still a key;
+* the userinfo of any URL (``https://user:password@host``) is removed, so a credential written
+  into a base URL never reaches Health, spans or logs.
+
 Dependency-free so that :mod:`service.api.status` (errors to callers), the servicer (attempt
 messages), telemetry (span status) and the log-record hook can all use it.
 """
@@ -7,26 +14,53 @@ messages), telemetry (span status) and the log-record hook can all use it.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 REDACTED = "[REDACTED]"
-MIN_REDACTED_CHARS = 8  # shorter values would blank out ordinary words; such keys are warned about anyway
 _secrets: tuple[str, ...] = ()  # longest first, so a secret containing another is replaced whole
 _log_hook_installed = False
+# scheme://userinfo@ : the userinfo has no '/', '@' or whitespace (RFC 3986 authority).
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
 
 
 def register_secrets(values: Iterable[str]) -> None:
     """Adds values for :func:`redact` to blank out, and makes sure log records are redacted."""
     global _secrets
-    merged = set(_secrets) | {v for v in values if len(v) >= MIN_REDACTED_CHARS}
+    merged = set(_secrets) | {v for v in values if v}
     _secrets = tuple(sorted(merged, key=len, reverse=True))
-    if _secrets:
-        _install_log_redaction()
+    _install_log_redaction()
+
+
+def url_secrets(url: str) -> list[str]:
+    """The credentials written into ``url`` (user and password of its userinfo), for registration."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return []
+    found = [unquote(v) for v in (parts.username, parts.password) if v]
+    return found + [v for v in (parts.username, parts.password) if v]
+
+
+def strip_userinfo(url: str) -> str:
+    """``url`` without ``user:password@`` (unchanged when it has none or does not parse)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return _USERINFO.sub(r"\g<scheme>", url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def redact(text: str) -> str:
-    """``text`` with every registered secret replaced by ``[REDACTED]`` (the same object if none)."""
+    """``text`` with every registered secret and URL userinfo removed (the same object if none)."""
+    if "@" in text and "://" in text:
+        cleaned = _USERINFO.sub(r"\g<scheme>", text)
+        if cleaned != text:
+            text = cleaned
     for secret in _secrets:
         if secret in text:
             text = text.replace(secret, REDACTED)
@@ -43,8 +77,7 @@ def _install_log_redaction() -> None:
 
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = previous(*args, **kwargs)
-        if _secrets:
-            _scrub(record)
+        _scrub(record)
         return record
 
     logging.setLogRecordFactory(factory)

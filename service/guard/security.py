@@ -1,25 +1,25 @@
-"""Authentication, TLS, admission control and rate limits, as one gRPC server interceptor.
+"""Authentication, tenant policy, TLS, admission control and rate limits, as one gRPC interceptor.
 
 Contract with :mod:`service.server`:
 
-* ``Security(settings)`` is built once per Gateway (it loads the keys: ConfigError when malformed).
-* ``check_bind()`` raises :class:`ConfigError` when the bind is unsafe.
-* ``server_credentials()`` returns TLS credentials, or None for plaintext.
+* ``Security(settings, scope)`` is built once per Gateway (it loads the keys and TENANTS_FILE:
+  ConfigError when malformed); ``scope`` says what model names mean (the router's catalogue).
+* ``check_bind()`` raises :class:`ConfigError` when the bind is unsafe or a TLS file is unusable.
+* ``server_credentials()`` returns TLS credentials (reloadable), or None for plaintext.
 * ``interceptors()`` returns the server interceptors, outermost first.
+* ``reload(trigger)`` reads the key file, TENANTS_FILE and the TLS files again; a part that does
+  not load keeps its previous version (logged, audited, counted).
 * ``in_flight`` counts calls being served now.
 
 What each method needs (when keys are configured; with none, every call is tenant ``anonymous``)::
 
-    InferenceService/Chat, ChatStream   tenant key; then rate limits, then a concurrency slot
+    InferenceService/Chat, ChatStream   tenant key; its policy (models); its limits (rpm, tpm,
+                                        max_concurrent); then a process-wide concurrency slot
     InferenceService/Health, ListModels tenant or admin key
     InferenceService/GetProviderStatus  admin key (a tenant key gets PERMISSION_DENIED)
     grpc.health.v1, reflection          open when AUTH_EXEMPT_HEALTH (default), else any key
 
-Chat and ChatStream handlers are wrapped once and the wrappers cached, so a call costs one dict
-lookup at dispatch plus, with auth off and no rate limits, a counter increment and decrement.
-Other methods are never wrapped: their key check happens at dispatch, and open ones pass through.
-The checks run in the order that wastes least: who is calling, can the request even be parsed,
-is the tenant within its limits, is there a free slot.
+The interceptor itself is :class:`service.guard.interceptor.SecurityInterceptor`.
 """
 
 from __future__ import annotations
@@ -27,44 +27,26 @@ from __future__ import annotations
 import contextvars
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
-from pathlib import Path
-from typing import Any, NoReturn
+from dataclasses import dataclass, field
 
 import grpc
-from inference.v1 import inference_pb2
 
 from service.api.status import to_grpc_status
 from service.config import Settings
-from service.errors import ConfigError, InvalidRequestError, ResourceExhaustedError
-from service.guard.admission import ConcurrencyLimiter, RateLimiter
-from service.guard.auth import ANONYMOUS, Authenticator, KeyRing, Principal
-from service.guard.redaction import register_secrets
+from service.errors import ConfigError, InvalidRequestError
+from service.guard.admission import ConcurrencyLimiter
+from service.guard.audit import audit
+from service.guard.auth import ANONYMOUS, Authenticator, KeyRing
+from service.guard.limits import InProcessLimits, LimitStore
+from service.guard.policy import LiteralScope, ModelScope, Policies, TenantPolicy, load_tenants_file
+from service.guard.redaction import register_secrets, url_secrets
+from service.guard.tls import TlsMaterial
 
 log = logging.getLogger(__name__)
 
 current_tenant: contextvars.ContextVar[str] = contextvars.ContextVar("current_tenant", default=ANONYMOUS)
 """The tenant of the call being served, for logs and telemetry. grpc.aio serves each call in its
 own task, so a value set for one call never leaks into another and needs no reset."""
-
-_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
-CHAT = f"/{_SERVICE}/Chat"
-CHAT_STREAM = f"/{_SERVICE}/ChatStream"
-ADMIN_METHODS = frozenset({f"/{_SERVICE}/GetProviderStatus"})
-EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.")
-
-
-class _Undecodable:
-    """What the request deserializer returns for bytes that are not the expected message."""
-
-
-UNDECODABLE = _Undecodable()
-
-
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status) -> NoReturn:
-    await context.abort_with_status(status)
-    raise AssertionError("abort_with_status returned")  # it raises; this keeps the type checker honest
 
 
 def is_loopback(address: str) -> bool:
@@ -80,63 +62,33 @@ def is_loopback(address: str) -> bool:
         return False  # a name may resolve to anything; "" and "0.0.0.0" mean every interface
 
 
-def _read_pem(var: str, path: str) -> bytes:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{var}={path} cannot be read: {exc.strerror or type(exc).__name__}") from None
-    if b"-----BEGIN " not in data:
-        raise ConfigError(f"{var}={path} is not a PEM file (no '-----BEGIN' line)")
-    return data
+@dataclass
+class ReloadResult:
+    """What one reload did: the parts that changed, and the parts refused (with why)."""
 
-
-def _max_tokens(request: Any, default: int, cap: int) -> int:
-    value = request.max_tokens if request.HasField("max_tokens") else default
-    return value if 1 <= value <= cap else cap  # out of range fails validation later; reserve the cap meanwhile
-
-
-def _stream_usage(last: Any, reserved: int) -> int:
-    if last is None:
-        return 0  # nothing was sent: the call cost no tokens
-    if last.HasField("final"):
-        return int(last.final.usage.total_tokens)
-    return reserved  # a partial answer without usage (cancelled, interrupted): charge what it reserved
-
-
-def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    """Wraps a request deserializer so bad bytes become INVALID_ARGUMENT instead of grpc's UNKNOWN."""
-    if deserialize is None:
-        return None
-
-    def decode(data: bytes) -> Any:
-        try:
-            return deserialize(data)
-        except Exception:  # DecodeError, or anything else the parser raises: the caller's bytes
-            return UNDECODABLE
-
-    return decode
+    changed: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 class Security:
-    """Keys, TLS material, limits, and the interceptor that applies them.
+    """Keys, tenant policies, TLS material, limits, and the interceptor that applies them.
 
-    Building one registers every secret it knows (the environment's and the key file's) with
-    :func:`service.guard.redaction.register_secrets`, so log records are redacted from then on.
+    Building one registers every secret it knows (the environment's, the key file's, credentials
+    written into upstream URLs) with :func:`service.guard.redaction.register_secrets`, so log
+    records are redacted from then on.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, scope: ModelScope | None = None, limits: LimitStore | None = None) -> None:
         self.settings = settings
-        for name in ("admission_wait_s", "rate_limit_rpm", "rate_limit_tpm"):
-            if getattr(settings, name) < 0:
-                raise ConfigError(f"{name.upper()} must not be negative, got {getattr(settings, name)}")
         self.keys = KeyRing.from_settings(settings)
-        self.slots = ConcurrencyLimiter(settings.max_concurrent_requests, settings.admission_wait_s)
-        self.limits = (
-            RateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm)
-            if settings.rate_limit_rpm or settings.rate_limit_tpm
-            else None
-        )
         self.auth = Authenticator(self.keys)
+        self.policies = Policies.from_settings(settings)
+        self.scope: ModelScope = scope or LiteralScope()
+        self.limits: LimitStore = limits or InProcessLimits()
+        self.slots = ConcurrencyLimiter(settings.max_concurrent_requests, settings.admission_wait_s)
+        self.tls: TlsMaterial | None = None
+        self.plain = False
+        self._refresh()
         register_secrets(self.secrets())
         self.undecodable = to_grpc_status(
             InvalidRequestError(
@@ -150,9 +102,24 @@ class Security:
         """Chat and ChatStream calls holding a concurrency slot now."""
         return self.slots.in_flight
 
+    def _refresh(self) -> None:
+        # Read on every call: no authentication and nothing in the anonymous policy means a call
+        # needs only a slot.
+        self.plain = not self.keys.enabled and self.policies.for_tenant(ANONYMOUS).open
+
+    def policy_for(self, tenant: str) -> TenantPolicy:
+        """The tenant's resolved policy."""
+        return self.policies.for_tenant(tenant)
+
+    def tenant_names(self) -> list[str]:
+        """Every tenant a call may be attributed to (the metrics' tenant label values)."""
+        return sorted({*self.keys.tenant_names, *self.policies.listed, ANONYMOUS})
+
     def secrets(self) -> list[str]:
-        """Every secret value, including tokens from INFERENCE_API_KEYS_FILE."""
-        return sorted({*self.settings.secrets(), *self.keys.secrets()})
+        """Every secret value, including tokens from INFERENCE_API_KEYS_FILE and URL credentials."""
+        s = self.settings
+        in_urls = [v for url in (s.modal_web_url, s.vastai_vllm_url, s.anthropic_base_url) for v in url_secrets(url)]
+        return sorted({*s.secrets(), *self.keys.secrets(), *in_urls})
 
     def check_bind(self) -> None:
         """Refuses a non-loopback bind without keys unless ALLOW_INSECURE_BIND; logs the auth state.
@@ -161,12 +128,14 @@ class Security:
 
         Raises:
             ConfigError: the address is reachable from other hosts and nothing guards it, or a TLS
-                file is unreadable.
+                file is unreadable or the key does not match the certificate.
         """
-        if self.settings.tls_cert_file:
-            self._tls_files()  # fail before the providers start, not at bind time after they did
+        if self.settings.tls_cert_file and self.tls is None:
+            self.tls = TlsMaterial(self.settings)  # fail before the providers start, not at bind time
         address = self.settings.grpc_listen_address
         local = is_loopback(address)
+        if self.settings.tenants_file:
+            log.info("tenant policy: %s", self.policies.summary())
         if not self.keys.enabled:
             if not local and not self.settings.allow_insecure_bind:
                 raise ConfigError(
@@ -175,8 +144,8 @@ class Security:
                     "anyone who can reach it"
                 )
             log.warning(
-                "authentication is off (no INFERENCE_API_KEYS, INFERENCE_API_KEYS_FILE or ADMIN_API_KEYS): every "
-                "caller is tenant %r and GetProviderStatus is open; listening on %s",
+                "authentication is off (INFERENCE_API_KEYS, INFERENCE_API_KEYS_FILE and ADMIN_API_KEYS are unset): "
+                "every caller is tenant %r and GetProviderStatus is open; listening on %s",
                 ANONYMOUS,
                 address,
             )
@@ -186,6 +155,7 @@ class Security:
             self.keys.tenant_names or "none",
             self.keys.admin_names or "none",
         )
+        self._warn_about_policy()
         if not self.keys.tenant_names:
             log.warning("only ADMIN_API_KEYS are configured: Chat and ChatStream are refused to every caller")
         if not local and not self.settings.tls_cert_file:
@@ -194,188 +164,98 @@ class Security:
                 "terminates TLS; set TLS_CERT_FILE and TLS_KEY_FILE",
                 address,
             )
+        if not self.settings.auth_exempt_health:
+            token = self.settings.healthcheck_api_key
+            if not token:
+                log.warning(
+                    "AUTH_EXEMPT_HEALTH=false and HEALTHCHECK_API_KEY is unset: the container health check "
+                    "(python -m service.healthcheck) will be refused; give it a tenant or admin token"
+                )
+            elif self.keys.lookup(token) is None:
+                log.warning(
+                    "HEALTHCHECK_API_KEY is not one of the configured keys: the container health check will fail"
+                )
+
+    def _warn_about_policy(self) -> None:
+        keyless = sorted(self.policies.listed - {*self.keys.tenant_names, ANONYMOUS})
+        if keyless:
+            log.warning("TENANTS_FILE has a policy for %s, which no key belongs to (a typo of a tenant name?)", keyless)
 
     def server_credentials(self) -> grpc.ServerCredentials | None:
-        """TLS credentials from TLS_CERT_FILE/TLS_KEY_FILE; mutual TLS with TLS_CLIENT_CA_FILE.
+        """TLS credentials from TLS_CERT_FILE/TLS_KEY_FILE (mutual TLS with TLS_CLIENT_CA_FILE),
+        reloaded by :meth:`reload`; None for plaintext.
 
         Raises:
-            ConfigError: a file is unreadable or not PEM.
+            ConfigError: a file is unreadable, not PEM, or the key does not match the certificate.
         """
-        s = self.settings
-        if not s.tls_cert_file:
+        if not self.settings.tls_cert_file:
             return None
-        cert, key, client_ca = self._tls_files()
-        log.info("TLS on%s", " with client certificates required (mutual TLS)" if client_ca else "")
-        return grpc.ssl_server_credentials(
-            [(key, cert)], root_certificates=client_ca, require_client_auth=bool(client_ca)
-        )
-
-    def _tls_files(self) -> tuple[bytes, bytes, bytes | None]:
-        s = self.settings
-        cert = _read_pem("TLS_CERT_FILE", s.tls_cert_file)
-        key = _read_pem("TLS_KEY_FILE", s.tls_key_file)
-        client_ca = _read_pem("TLS_CLIENT_CA_FILE", s.tls_client_ca_file) if s.tls_client_ca_file else None
-        return cert, key, client_ca
+        if self.tls is None:
+            self.tls = TlsMaterial(self.settings)
+        log.info("TLS on%s", " with client certificates required (mutual TLS)" if self.tls.current.client_ca else "")
+        return self.tls.credentials()
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        """The one interceptor doing authentication and admission."""
+        """The one interceptor doing authentication, policy and admission."""
+        from service.guard.interceptor import SecurityInterceptor
+
         return [SecurityInterceptor(self)]
 
+    def watched_files(self) -> list[str]:
+        """The files a change of which calls for :meth:`reload`."""
+        s = self.settings
+        files = [s.inference_api_keys_file, s.tenants_file, s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file]
+        return [f for f in files if f]
 
-def _deny(handler: grpc.RpcMethodHandler, status: grpc.Status) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that only aborts with ``status``."""
+    def reload(self, trigger: str) -> ReloadResult:
+        """Reads the key file, TENANTS_FILE and the TLS files again, each on its own.
 
-    async def deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort_with_status(status)
-
-    if handler.unary_unary:
-        make = grpc.unary_unary_rpc_method_handler
-    elif handler.unary_stream:
-        make = grpc.unary_stream_rpc_method_handler
-    elif handler.stream_unary:
-        make = grpc.stream_unary_rpc_method_handler
-    else:
-        make = grpc.stream_stream_rpc_method_handler
-    return make(
-        deny, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-    )
-
-
-class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped here
-    """Authentication and admission for every call; see the module docstring for the policy."""
-
-    def __init__(self, security: Security) -> None:
-        self._security = security
-        self._auth = security.keys.enabled
-        # method -> (handler from the continuation, handler to serve): built once per method.
-        self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        """Serves the cached wrapper or pass-through; everything else goes through :meth:`_route`."""
-        handler = await continuation(details)
-        cached = self._cache.get(details.method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        return self._route(handler, details)
-
-    def _route(self, handler: grpc.RpcMethodHandler | None, details: grpc.HandlerCallDetails) -> Any:
-        if handler is None:
-            return None  # unknown method: grpc answers UNIMPLEMENTED
-        method: str = details.method
-        if method == CHAT:
-            served = self._wrap_chat(handler)
-        elif method == CHAT_STREAM:
-            served = self._wrap_chat_stream(handler)
-        elif not self._auth or (self._security.settings.auth_exempt_health and method.startswith(EXEMPT_PREFIXES)):
-            served = handler
-        else:
-            # Checked per call at dispatch, never cached: the answer depends on the caller's metadata.
-            auth = self._security.auth
-            verdict = auth.check(details.invocation_metadata, auth.admin if method in ADMIN_METHODS else auth.any)
-            return handler if isinstance(verdict, Principal) else _deny(handler, verdict)
-        # Only registered methods get here (the handler is not None), so the cache stays small.
-        self._cache[method] = (handler, served)
-        return served
-
-    def _wrap_chat(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        inner = handler.unary_unary
-        admit = self._admission()
-        limits = self._security.limits
-        slots = self._security.slots
-        plain = not self._auth and limits is None
-
-        async def chat(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            if plain and request is not UNDECODABLE and slots.try_acquire():
-                tenant, reserved = ANONYMOUS, 0  # the common case without a second coroutine
-            else:
-                tenant, reserved = await admit(request, context)
-            used = 0  # a failed unary call delivered nothing: its reservation is refunded
+        A part that does not load keeps its previous version: one error line names the file, the
+        line and the field; the audit log records it; ``failed`` lists it.
+        """
+        result = ReloadResult()
+        for part, load in (("keys", self._reload_keys), ("tenants", self._reload_tenants), ("tls", self._reload_tls)):
             try:
-                response = await inner(request, context)
-                if limits is not None:
-                    used = response.usage.total_tokens
-            finally:
-                slots.release()
-                if limits is not None:
-                    limits.settle(tenant, reserved, used)
-            return response
+                if load():
+                    result.changed.append(part)
+            except ConfigError as exc:
+                message = " ".join(str(exc).split())  # one line, whatever the error held
+                result.failed[part] = message
+                log.error("reload (%s) refused, the previous %s stay in force: %s", trigger, part, message)
+        for part in result.changed:
+            log.info("reload (%s): new %s in force", trigger, part)
+        if result.changed or result.failed or trigger == "SIGHUP":
+            outcome = "failed" if result.failed else "ok"
+            audit(
+                "policy_reload",
+                outcome,
+                trigger=trigger,
+                changed=",".join(result.changed) or "nothing",
+                failed=",".join(result.failed),
+            )
+        return result
 
-        return grpc.unary_unary_rpc_method_handler(
-            chat,
-            request_deserializer=_tolerant(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
-        )
+    def _reload_keys(self) -> bool:
+        keys = KeyRing.from_settings(self.settings)
+        if keys.enabled != self.keys.enabled:
+            raise ConfigError("a reload cannot turn authentication on or off; restart the gateway to do that")
+        if keys.same_keys(self.keys):
+            return False
+        register_secrets(keys.secrets())  # before the keys are used: a new token is never logged
+        self.keys, self.auth = keys, Authenticator(keys)
+        return True
 
-    def _wrap_chat_stream(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        inner = handler.unary_stream
-        admit = self._admission()
-        limits = self._security.limits
-        slots = self._security.slots
-        plain = not self._auth and limits is None
+    def _reload_tenants(self) -> bool:
+        if not self.settings.tenants_file:
+            return False
+        data = load_tenants_file(self.settings.tenants_file)
+        policies = Policies(self.settings, data, self.settings.tenants_file)
+        if data == self.policies.data:
+            return False
+        self.policies = policies
+        self._refresh()
+        self._warn_about_policy()
+        return True
 
-        async def chat_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            if plain and request is not UNDECODABLE and slots.try_acquire():
-                tenant, reserved = ANONYMOUS, 0
-            else:
-                tenant, reserved = await admit(request, context)
-            last = None
-            try:
-                # aclosing: when the caller goes away grpc closes this generator, and the servicer's
-                # stream (and through it the upstream request) must be closed with it, not left to GC.
-                async with aclosing(inner(request, context)) as responses:
-                    async for last in responses:
-                        yield last
-            finally:
-                slots.release()  # a stream holds its slot until it ends, fails or is cancelled
-                if limits is not None:
-                    limits.settle(tenant, reserved, _stream_usage(last, reserved))
-
-        return grpc.unary_stream_rpc_method_handler(
-            chat_stream,
-            request_deserializer=_tolerant(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
-        )
-
-    def _admission(self) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[tuple[str, int]]]:
-        """The checks before a chat call; on success the caller holds a slot it must release."""
-        security = self._security
-        auth = self._auth
-        policy = security.auth.tenant
-        check = security.auth.check
-        limits = security.limits
-        slots = security.slots
-        undecodable = security.undecodable
-        default_max, cap = security.settings.default_max_tokens, security.settings.max_tokens_cap
-
-        async def admit(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, int]:
-            tenant = ANONYMOUS
-            if auth:
-                verdict = check(context.invocation_metadata(), policy)
-                if not isinstance(verdict, Principal):
-                    await _abort(context, verdict)
-                tenant = verdict.name
-                current_tenant.set(tenant)
-            if request is UNDECODABLE:
-                await _abort(context, undecodable)
-            reserved = 0
-            if limits is not None:
-                reserved = limits.reservation(_max_tokens(request, default_max, cap))
-                refusal = limits.admit(tenant, reserved)
-                if refusal is not None:
-                    await _abort(context, to_grpc_status(refusal))
-            if not slots.try_acquire():
-                try:
-                    await slots.acquire(context.time_remaining())
-                except BaseException as exc:  # refused, or cancelled while queued: the call never ran
-                    if limits is not None:
-                        limits.refund(tenant, reserved)
-                    if isinstance(exc, ResourceExhaustedError):
-                        await _abort(context, to_grpc_status(exc))
-                    raise
-            return tenant, reserved
-
-        return admit
+    def _reload_tls(self) -> bool:
+        return self.tls.reload() if self.tls is not None else False

@@ -3,12 +3,21 @@
 For every InferenceService RPC it
 
 * extracts a W3C ``traceparent`` from the call's metadata and starts the SERVER span under it
-  (the routing and attempt spans then nest below, and upstream HTTP carries the trace on);
+  (the routing and attempt spans then nest below, and upstream HTTP carries the trace on). The
+  caller's ``baggage`` is dropped unless FORWARD_BAGGAGE=true, so it never reaches an upstream;
 * keeps a :class:`service.observe.telemetry.RpcStats` in a contextvar for the router to fill;
-* writes one structured access-log line (JSON) with trace/span ids, provider, status, latency,
-  tokens - never credentials, and message content only when LOG_CONTENT=true;
-* records ``gateway.overhead.duration`` (time not spent awaiting a provider) and returns it to the
-  caller as trailing metadata ``x-gateway-overhead-ms``.
+* writes one structured access-log line (JSON) with trace/span ids, tenant, provider, status,
+  latency, overhead, waits, tokens - never credentials, and message content only when
+  LOG_CONTENT=true;
+* splits the RPC's time three ways: upstream (awaiting a provider), waits (backoff, Retry-After,
+  a cold start, a concurrency slot, the caller reading a stream slowly) and overhead (the rest:
+  the gateway's own work). Overhead is recorded as ``gateway.overhead.duration`` and both are
+  returned as trailing metadata, ``x-gateway-overhead-ms`` and ``x-gateway-wait-ms``, on errors
+  too (the inner handlers see a context whose aborts carry them).
+
+The server span's ``rpc.grpc.status_code`` is the integer code; its status is ERROR only for the
+codes that mean the server failed (UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL,
+UNAVAILABLE, DATA_LOSS), never for a caller's mistake or a refusal.
 
 Wrapped handlers are cached per method, so the per-call cost is the wrapper itself.
 """
@@ -22,8 +31,8 @@ from typing import Any
 
 import grpc
 import orjson
+from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from service.guard.security import current_tenant
@@ -33,7 +42,19 @@ from service.observe.telemetry import RpcStats, current_rpc, tracer, tracing_ena
 access_log = logging.getLogger("service.access")
 
 OVERHEAD_METADATA_KEY = "x-gateway-overhead-ms"
+WAIT_METADATA_KEY = "x-gateway-wait-ms"
 _PREFIX = "/inference.v1.InferenceService/"
+_SERVER_ERRORS = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
 
 
 class _MetadataGetter:
@@ -50,18 +71,48 @@ class _MetadataGetter:
 _GETTER = _MetadataGetter()
 
 
-def _code_name(context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None) -> str:
+def _status_code(context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None) -> grpc.StatusCode:
     try:
         code = context.code()
     except Exception:  # older grpcio: code() may be missing
         code = None
     if isinstance(code, grpc.StatusCode):
-        return str(code.name)
+        return code
     if isinstance(code, int):
-        return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
+        return _BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN)
     if error is None:
-        return "OK"
-    return "CANCELLED" if isinstance(error, BaseException) and type(error).__name__ == "CancelledError" else "UNKNOWN"
+        return grpc.StatusCode.OK
+    return grpc.StatusCode.CANCELLED if type(error).__name__ == "CancelledError" else grpc.StatusCode.UNKNOWN
+
+
+class _Status(grpc.Status):  # type: ignore[misc]  # grpc is untyped here
+    """A status with the gateway's trailers added to the original's."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, trailing_metadata: tuple[tuple[str, Any], ...]) -> None:
+        self.code = code
+        self.details = details
+        self.trailing_metadata = trailing_metadata
+
+
+class _Context:
+    """The servicer context as the inner handlers see it: the same, except that an abort carries
+    the overhead and wait trailers (trailers set after an abort are never sent)."""
+
+    __slots__ = ("_call", "_context")
+
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any], call: _Call) -> None:
+        self._context = context
+        self._call = call
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def abort_with_status(self, status: grpc.Status) -> None:
+        trailers = (*(status.trailing_metadata or ()), *self._call.trailers())
+        await self._context.abort_with_status(_Status(status.code, status.details, trailers))
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> None:
+        await self._context.abort(code, details, (*(trailing_metadata or ()), *self._call.trailers()))
 
 
 class _Call:
@@ -69,65 +120,86 @@ class _Call:
 
     __slots__ = ("context", "method", "span", "start", "stats", "stats_token", "token")
 
-    def __init__(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    def __init__(self, method: str, context: grpc.aio.ServicerContext[Any, Any], forward_baggage: bool) -> None:
         self.method = method
         self.context = context
         self.start = time.perf_counter()
         self.stats = RpcStats()
         self.stats_token = current_rpc.set(self.stats)
-        if not tracing_enabled():
-            self.span: Span = trace.INVALID_SPAN
-            self.token: object = None
+        self.span: Span = trace.INVALID_SPAN
+        self.token: object = None
+        tracing = tracing_enabled()
+        if not tracing and not forward_baggage:
             return
         parent = propagate.extract(context.invocation_metadata() or (), getter=_GETTER)  # type: ignore[arg-type]
-        self.span = tracer.start_span(
-            f"inference.v1.InferenceService/{method}",
-            context=parent,
-            kind=SpanKind.SERVER,
-            attributes={"rpc.system": "grpc", "rpc.service": "inference.v1.InferenceService", "rpc.method": method},
-        )
-        self.token = otel_context.attach(trace.set_span_in_context(self.span, parent))
+        if not forward_baggage:
+            parent = baggage.clear(parent)  # the caller's baggage stays here: upstreams never see it
+        if tracing:
+            self.span = tracer.start_span(
+                f"inference.v1.InferenceService/{method}",
+                context=parent,
+                kind=SpanKind.SERVER,
+                attributes={"rpc.system": "grpc", "rpc.service": "inference.v1.InferenceService", "rpc.method": method},
+            )
+            parent = trace.set_span_in_context(self.span, parent)
+        self.token = otel_context.attach(parent)
 
-    def overhead_s(self) -> float:
-        return max(0.0, time.perf_counter() - self.start - self.stats.upstream_s)
+    def split(self) -> tuple[float, float, float]:
+        """(elapsed, overhead, wait) in seconds so far."""
+        elapsed = time.perf_counter() - self.start
+        stats = self.stats
+        wait = stats.wait_s
+        return elapsed, max(0.0, elapsed - stats.upstream_s - wait), wait
+
+    def trailers(self) -> tuple[tuple[str, str], ...]:
+        """The overhead and wait trailers as of now."""
+        _, overhead, wait = self.split()
+        return ((OVERHEAD_METADATA_KEY, f"{overhead * 1000:.3f}"), (WAIT_METADATA_KEY, f"{wait * 1000:.3f}"))
 
     def set_trailer(self) -> None:
-        self.context.set_trailing_metadata(((OVERHEAD_METADATA_KEY, f"{self.overhead_s() * 1000:.3f}"),))
+        """Adds the trailers to whatever the handler set (a successful end)."""
+        context = self.context
+        try:
+            existing = tuple(context.trailing_metadata() or ())
+        except Exception:  # an old grpcio without the getter
+            existing = ()
+        context.set_trailing_metadata((*existing, *self.trailers()))
 
     def finish(self, error: BaseException | None, content: dict[str, Any] | None = None) -> None:
-        code = _code_name(self.context, error)
-        elapsed = time.perf_counter() - self.start
-        overhead = self.overhead_s()
+        code = _status_code(self.context, error)
+        elapsed, overhead, wait = self.split()
         stats = self.stats
         span = self.span
-        span.set_attribute("rpc.grpc.status_code", code)
-        if stats.provider:
-            span.set_attribute("gateway.served_by", stats.provider)
-        if code != "OK":
-            span.set_status(Status(StatusCode.ERROR, code))
-        span.end()
+        tenant = current_tenant.get()
+        if span.is_recording():
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            if stats.provider:
+                span.set_attribute("gateway.served_by", stats.provider)
+            if code in _SERVER_ERRORS:
+                span.set_status(Status(StatusCode.ERROR, code.name))
+            span.end()
         ctx = span.get_span_context()
-        metrics.record_rpc(self.method, code, overhead if code == "OK" else None)
+        metrics.record_rpc(self.method, code.value[0], tenant, overhead if code is grpc.StatusCode.OK else None, wait)
         if access_log.isEnabledFor(logging.INFO):
-            access_log.info(
-                orjson.dumps(
-                    {
-                        **(content or {}),
-                        "event": "rpc",
-                        "method": self.method,
-                        "code": code,
-                        "latency_ms": round(elapsed * 1000, 3),
-                        "overhead_ms": round(overhead * 1000, 3),
-                        "tenant": current_tenant.get(),
-                        "provider": stats.provider,
-                        "attempts": stats.attempts,
-                        "prompt_tokens": stats.prompt_tokens,
-                        "completion_tokens": stats.completion_tokens,
-                        "trace_id": f"{ctx.trace_id:032x}" if ctx.is_valid else "",
-                        "span_id": f"{ctx.span_id:016x}" if ctx.is_valid else "",
-                    },
-                ).decode()
-            )
+            fields = {
+                **(content or {}),
+                "event": "rpc",
+                "method": self.method,
+                "code": code.name,
+                "latency_ms": round(elapsed * 1000, 3),
+                "overhead_ms": round(overhead * 1000, 3),
+                "wait_ms": round(wait * 1000, 3),
+                "upstream_ms": round(stats.upstream_s * 1000, 3),
+                "tenant": tenant,
+                "provider": stats.provider,
+                "attempts": stats.attempts,
+                "prompt_tokens": stats.prompt_tokens,
+                "completion_tokens": stats.completion_tokens,
+                "usage_reported": stats.usage_reported,
+                "trace_id": f"{ctx.trace_id:032x}" if ctx.is_valid else "",
+                "span_id": f"{ctx.span_id:016x}" if ctx.is_valid else "",
+            }
+            access_log.info(orjson.dumps(fields).decode(), extra={"fields": fields})
         current_rpc.reset(self.stats_token)
         if self.token is not None:
             otel_context.detach(self.token)  # type: ignore[arg-type]
@@ -140,14 +212,14 @@ def _content(request: Any, response_text: str | None) -> dict[str, Any]:
 
 
 def _wrap_unary(
-    method: str, behavior: Callable[[Any, Any], Awaitable[Any]], log_content: bool
+    method: str, behavior: Callable[[Any, Any], Awaitable[Any]], log_content: bool, forward_baggage: bool
 ) -> Callable[[Any, Any], Awaitable[Any]]:
     async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        call = _Call(method, context)
+        call = _Call(method, context, forward_baggage)
         error: BaseException | None = None
         response: Any = None
         try:
-            response = await behavior(request, context)
+            response = await behavior(request, _Context(context, call))
             call.set_trailer()
             return response
         except BaseException as exc:
@@ -161,17 +233,22 @@ def _wrap_unary(
 
 
 def _wrap_stream(
-    method: str, behavior: Callable[[Any, Any], AsyncIterator[Any]], log_content: bool
+    method: str, behavior: Callable[[Any, Any], AsyncIterator[Any]], log_content: bool, forward_baggage: bool
 ) -> Callable[[Any, Any], AsyncIterator[Any]]:
     async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        call = _Call(method, context)
+        call = _Call(method, context, forward_baggage)
+        stats = call.stats
+        clock = time.perf_counter
         error: BaseException | None = None
         parts: list[str] = []
         try:
-            async for message in behavior(request, context):
+            async for message in behavior(request, _Context(context, call)):
                 if log_content and message.HasField("delta"):
                     parts.append(message.delta.text)
+                sent = clock()
                 yield message
+                # Until grpc asks for the next message the caller is reading (flow control): a wait.
+                stats.wait_s += clock() - sent
             call.set_trailer()
         except BaseException as exc:
             error = exc
@@ -185,8 +262,9 @@ def _wrap_stream(
 class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Wraps InferenceService handlers; other services (health, reflection) pass through."""
 
-    def __init__(self, log_content: bool = False) -> None:
+    def __init__(self, log_content: bool = False, forward_baggage: bool = False) -> None:
         self._log_content = log_content
+        self._forward_baggage = forward_baggage
         # method -> (inner handler, wrapped). Inner interceptors (auth) may return a different
         # handler per call, e.g. one that aborts; only the same inner handler reuses its wrapper.
         self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
@@ -206,13 +284,13 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         method = full[len(_PREFIX) :]
         if handler.unary_unary is not None:
             wrapped = grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, handler.unary_unary, self._log_content),
+                _wrap_unary(method, handler.unary_unary, self._log_content, self._forward_baggage),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         elif handler.unary_stream is not None:
             wrapped = grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(method, handler.unary_stream, self._log_content),
+                _wrap_stream(method, handler.unary_stream, self._log_content, self._forward_baggage),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )

@@ -21,12 +21,13 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from service.guard.redaction import redact
+from service.guard.redaction import redact, strip_userinfo
 from service.observe import metrics
 from service.providers.base import ChatRequest, Provider, Usage
 
@@ -39,7 +40,19 @@ def tracing_enabled() -> bool:
     return not isinstance(trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
 
 
+# gen_ai.provider.name: the semantic conventions' value where one exists (anthropic), else the
+# server software, as the conventions ask for OpenAI-compatible servers that are not OpenAI.
 _PROVIDER_KIND_TO_SEMCONV = {"vllm": "vllm", "llama.cpp": "llama.cpp", "anthropic": "anthropic"}
+# Codes that are the caller's doing: the call is answered as designed, so no span says ERROR
+# (OpenTelemetry's rule for gRPC servers).
+CALLER_ERRORS = frozenset(
+    {"InvalidRequestError", "ModelNotFoundError", "PermissionDeniedError", "UnauthenticatedError"}
+)
+
+
+def provider_system(provider: Provider) -> str:
+    """The ``gen_ai.provider.name`` value for ``provider``."""
+    return _PROVIDER_KIND_TO_SEMCONV.get(provider.kind, provider.kind)
 
 
 @dataclass(slots=True)
@@ -55,6 +68,8 @@ class RpcStats:
     completion_tokens: int = 0
     usage_reported: bool = False  # the serving provider reported usage (else the tokens are unknown)
     relayed_chars: int = 0  # characters of answer relayed to the caller (a cancelled call's consumption)
+    started: int = 0  # attempts whose request went to a provider (0: no upstream saw the call)
+    answer_began: bool = False  # some attempt received the first part of an answer
 
 
 current_rpc: ContextVar[RpcStats | None] = ContextVar("current_rpc", default=None)
@@ -63,19 +78,29 @@ current_rpc: ContextVar[RpcStats | None] = ContextVar("current_rpc", default=Non
 class AttemptSpan:
     """The CLIENT span of one provider attempt, with GenAI semantic-convention attributes."""
 
-    __slots__ = ("_model", "_provider", "_started", "span")
+    __slots__ = ("_model", "_provider", "_started", "_stats", "_system", "span")
 
-    def __init__(self, parent: Span, provider: Provider, request: ChatRequest, retry: int, wait_cold: bool) -> None:
+    def __init__(
+        self,
+        parent: Span,
+        provider: Provider,
+        request: ChatRequest,
+        retry: int,
+        wait_cold: bool,
+        stats: RpcStats | None = None,
+    ) -> None:
         model = request.model or provider.default_model
         self._model = model
         self._provider = provider
+        self._system = provider_system(provider)
+        self._stats = stats
         self._started = time.perf_counter()
         if not parent.is_recording():
             self.span: Span = trace.INVALID_SPAN
             return
         attrs: dict[str, Any] = {
             "gen_ai.operation.name": "chat",
-            "gen_ai.provider.name": _PROVIDER_KIND_TO_SEMCONV.get(provider.kind, provider.kind),
+            "gen_ai.provider.name": self._system,
             "gen_ai.request.model": model,
             "gen_ai.request.max_tokens": request.max_tokens,
             "gateway.provider": provider.name,
@@ -111,28 +136,40 @@ class AttemptSpan:
     def first_chunk(self) -> None:
         """Marks the time to first chunk."""
         ttft = time.perf_counter() - self._started
+        if self._stats is not None:
+            self._stats.answer_began = True
         self.span.set_attribute("gen_ai.response.time_to_first_chunk", ttft)
-        metrics.record_ttft(self._provider.name, self._model, ttft)
+        metrics.record_ttft(self._provider.name, self._system, self._model, ttft)
 
     def succeeded(self, response_id: str, model: str, finish_reason: str, usage: Usage) -> None:
-        """Records the response attributes and usage."""
-        self.span.set_attributes(
-            {
-                "gen_ai.response.id": response_id,
-                "gen_ai.response.model": model,
-                "gen_ai.response.finish_reasons": [finish_reason],
-                "gen_ai.usage.input_tokens": usage.prompt_tokens,
-                "gen_ai.usage.output_tokens": usage.completion_tokens,
-            }
+        """Records the response attributes, and the usage when the upstream reported any."""
+        reported = usage.total_tokens > 0  # an upstream that reports nothing leaves both at 0: unknown
+        attrs: dict[str, Any] = {
+            "gen_ai.response.id": response_id,
+            "gen_ai.response.model": model,
+            "gen_ai.response.finish_reasons": [finish_reason],
+        }
+        if reported:
+            attrs["gen_ai.usage.input_tokens"] = usage.prompt_tokens
+            attrs["gen_ai.usage.output_tokens"] = usage.completion_tokens
+        self.span.set_attributes(attrs)
+        metrics.record_attempt(
+            self._provider.name,
+            self._system,
+            self._model,
+            time.perf_counter() - self._started,
+            None,
+            usage if reported else None,
         )
-        metrics.record_attempt(self._provider.name, self._model, time.perf_counter() - self._started, None, usage)
 
     def failed(self, error: Exception | None) -> None:
         """Marks the attempt failed with ``error.type`` = the error's reason."""
         reason = getattr(error, "reason", type(error).__name__ if error else "unknown")
         self.span.set_attribute("error.type", reason)
         self.span.set_status(Status(StatusCode.ERROR, redact(str(error))[:300] if error else reason))
-        metrics.record_attempt(self._provider.name, self._model, time.perf_counter() - self._started, reason, None)
+        metrics.record_attempt(
+            self._provider.name, self._system, self._model, time.perf_counter() - self._started, reason, None
+        )
 
     def end(self) -> None:
         """Ends the span (idempotent in the SDK)."""
@@ -142,10 +179,13 @@ class AttemptSpan:
 class RouteTrace:
     """The routing span of one call: chain considered, skips, fallbacks, outcome."""
 
-    __slots__ = ("_skips", "span")
+    __slots__ = ("_fallbacks", "_left", "_skips", "_stats", "span")
 
     def __init__(self, rpc: str, request: ChatRequest, chain: list[str], policy: str) -> None:
         self._skips: list[str] = []
+        self._stats = current_rpc.get()
+        self._fallbacks = 0
+        self._left = ""  # the provider the last fallback left; counted when another one is tried
         if not tracing_enabled():
             self.span: Span = trace.INVALID_SPAN
             return
@@ -169,7 +209,10 @@ class RouteTrace:
 
     def attempt(self, provider: Provider, request: ChatRequest, retry: int, wait_cold: bool) -> AttemptSpan:
         """Starts an attempt span as a child of the routing span."""
-        return AttemptSpan(self.span, provider, request, retry, wait_cold)
+        if self._stats is not None:
+            self._stats.started += 1
+        self._arrive(provider.name)
+        return AttemptSpan(self.span, provider, request, retry, wait_cold, self._stats)
 
     def skip(self, provider: str, reason: str) -> None:
         """A provider was skipped (circuit open, unhealthy, cold)."""
@@ -178,36 +221,54 @@ class RouteTrace:
         self.span.add_event("skip", {"provider": provider, "reason": reason})
         metrics.record_skip(provider, reason)
 
+    def _arrive(self, provider: str) -> None:
+        # A fallback is a change of provider, counted when the next one is really tried (an
+        # attempt, or a wait for its cold start); retries of one provider are not fallbacks.
+        if self._left and self._left != provider:
+            self._fallbacks += 1
+            metrics.record_fallback(self._left, provider)
+        self._left = ""
+
     def event(self, name: str, **attrs: Any) -> None:
-        """A routing decision: retry, fallback, wake_up, deadline_stop, last_resort."""
+        """A routing decision: retry, fallback, wake_up, wait_cold_start, deadline_stop, last_resort."""
+        if name == "fallback":
+            self._left = str(attrs.get("provider", ""))
+        elif name == "wait_cold_start":
+            self._arrive(str(attrs.get("provider", "")))
         self.span.add_event(name, {k: v for k, v in attrs.items() if v is not None})
 
     def served(self, provider: str, attempts: int) -> None:
         """The call was served by ``provider`` after ``attempts`` tries."""
         self.span.set_attributes(
-            {"gateway.served_by": provider, "gateway.attempts": attempts, "gateway.fallbacks": max(0, attempts - 1)}
+            {"gateway.served_by": provider, "gateway.attempts": attempts, "gateway.fallbacks": self._fallbacks}
         )
 
     def failed(self, error: Exception) -> None:
-        """The call failed as a whole."""
-        self.span.set_attribute("error.type", getattr(error, "reason", type(error).__name__))
-        self.span.set_status(Status(StatusCode.ERROR, redact(str(error))[:300]))
+        """The call failed as a whole (ERROR status only when the failure is not the caller's)."""
+        self.span.set_attributes(
+            {"error.type": getattr(error, "reason", type(error).__name__), "gateway.fallbacks": self._fallbacks}
+        )
+        if type(error).__name__ not in CALLER_ERRORS:
+            self.span.set_status(Status(StatusCode.ERROR, redact(str(error))[:300]))
 
     @staticmethod
     def note_circuit(provider: str, before: str, after: str, reason: str) -> None:
-        """A circuit breaker changed state (recorded on the current span, if any)."""
+        """A circuit breaker changed state (recorded on the current span, if any; the state gauge
+        reads the breakers themselves)."""
         trace.get_current_span().add_event(
             "circuit_transition", {"provider": provider, "from": before, "to": after, "reason": reason}
         )
-        metrics.record_circuit(provider, after)
+
+
+_DEFAULT_PORTS = {"https": 443, "http": 80}
 
 
 def _split_endpoint(endpoint: str) -> tuple[str, int | None]:
-    rest = endpoint.split("://", 1)[-1].split("/", 1)[0]
-    host, _, port = rest.rpartition(":")
-    if not host:
-        return rest, None
+    """``server.address`` and ``server.port`` of a base URL: the host without credentials, and the
+    port, the scheme's default when the URL names none (443 for https)."""
     try:
-        return host.strip("[]"), int(port)
+        parts = urlsplit(strip_userinfo(endpoint))
+        port = parts.port
     except ValueError:
-        return rest, None
+        return "", None
+    return parts.hostname or "", port if port is not None else _DEFAULT_PORTS.get(parts.scheme.lower())
