@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -100,6 +101,7 @@ class SqlLedger:
         flush_interval_s: Pause between batches (``LEDGER_FLUSH_INTERVAL_MS``).
         queue_max: Records held while the database cannot take them (``LEDGER_QUEUE_MAX``).
         batch_max: Records per transaction; a fuller queue wakes the writer early.
+        refresh_interval_s: How often provider spend is re-read (other gateways' records).
         clock: Wall clock (UTC), for the month.
     """
 
@@ -110,9 +112,11 @@ class SqlLedger:
         flush_interval_s: float = 0.2,
         queue_max: int = DEFAULT_QUEUE_MAX,
         batch_max: int = DEFAULT_BATCH_MAX,
+        refresh_interval_s: float = REFRESH_INTERVAL_S,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.engine = engine
+        self.refresh_interval_s = refresh_interval_s
         self.flush_interval_s = flush_interval_s
         self.queue_max = queue_max
         self.batch_max = batch_max
@@ -267,7 +271,7 @@ class SqlLedger:
                     self._fail(exc)
                     return False
                 self._committed(batch)
-            if self._clock_s() - self._refreshed_at >= REFRESH_INTERVAL_S:
+            if self._clock_s() - self._refreshed_at >= self.refresh_interval_s:
                 await self._refresh_provider_spend()
             return True
 
@@ -322,8 +326,9 @@ class SqlLedger:
         self._provider_spent = {month: {name: c.spent_usd for name, c in counters.items()}}
         self._refreshed_at = self._clock_s()
 
-    def _clock_s(self) -> float:
-        return self._clock().timestamp()
+    @staticmethod
+    def _clock_s() -> float:
+        return time.monotonic()
 
     # -- reading -----------------------------------------------------------------------------
 
