@@ -221,7 +221,7 @@ async def test_access_log_names_the_tenant(otel: Any, caplog: pytest.LogCaptureF
 async def test_the_wake_up_has_a_span_of_its_own(otel: Any) -> None:
     exporter, _ = otel
     modal, vast = FakeOpenAI(models=[MODAL_MODEL]).start(), FakeOpenAI(models=[MODAL_MODEL]).start()
-    modal.cold_start(not_listening_s=0.5, unavailable_s=0.0)
+    modal.cold_start(not_listening_s=3.0, unavailable_s=0.0)  # outlasts a slow start-up under load
     running = await start_gateway(chain_settings(modal, vast, health_check_timeout_s=0.3))
     try:
         exporter.clear()
