@@ -110,17 +110,19 @@ class Gateway:
     def _label_values(self) -> None:
         metrics.configure_labels(self.scope.configured(), self.security.tenant_names())
 
-    def reload(self, trigger: str) -> ReloadResult:
-        """Reloads keys, TENANTS_FILE and TLS files (each part on its own; a broken one stays as it was)."""
-        result = self.security.reload(trigger)
+    def reload(self, trigger: str, parts: set[str] | None = None) -> ReloadResult:
+        """Reloads keys, TENANTS_FILE and TLS files (``parts`` of them, None for all; each on its
+        own, a broken one stays as it was)."""
+        result = self.security.reload(trigger, parts)
         for part in result.failed:
             metrics.record_reload_failure(part)
         if result.changed:
             self._label_values()
         return result
 
-    def _file_changed(self, what: str) -> None:
-        self.reload(f"changed: {what}")
+    def _files_changed(self, paths: list[str]) -> None:
+        parts = self.security.watched_files()
+        self.reload(f"changed: {', '.join(paths)}", {parts[p] for p in paths if p in parts})
 
     async def start(self) -> int:
         """Starts providers and the server; returns the bound port (1 for a unix socket)."""
@@ -172,7 +174,7 @@ class Gateway:
             "serving %s on %s%s", SERVICE_NAME, address, "" if address.startswith("unix") else f" (port {self.port})"
         )
         self._watcher = FileWatcher(
-            self.security.watched_files(), self.settings.config_reload_interval_s, self._file_changed
+            list(self.security.watched_files()), self.settings.config_reload_interval_s, self._files_changed
         )
         self._watcher.start()
         return self.port

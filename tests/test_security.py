@@ -338,6 +338,22 @@ async def test_mutual_tls_requires_a_client_certificate(pki: Pki) -> None:
         await stop_gateway(running)
 
 
+async def test_mutual_tls_refuses_a_client_certificate_from_another_ca(pki: Pki, tmp_path: Path) -> None:
+    stranger = issue_pki(tmp_path)  # a CA the gateway does not trust, and a client certificate it signed
+    running = await start_gateway(tls_settings(pki, tls_client_ca_file=str(pki.ca_file)), [CannedProvider()])
+    try:
+        async with clients.AsyncInferenceClient(
+            running.target,
+            root_certificates=pki.ca,
+            private_key=stranger.client_key,
+            certificate_chain=stranger.client_cert,
+        ) as foreign:
+            with pytest.raises(clients.UnavailableError):
+                await foreign.chat("hello", timeout_s=2)
+    finally:
+        await stop_gateway(running)
+
+
 @pytest.mark.parametrize("which", ["tls_cert_file", "tls_key_file", "tls_client_ca_file"])
 async def test_unreadable_tls_files_are_config_errors(pki: Pki, tmp_path: Path, which: str) -> None:
     settings = tls_settings(pki, tls_client_ca_file=str(pki.ca_file))

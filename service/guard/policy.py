@@ -234,8 +234,10 @@ def load_tenants_file(path: str) -> TenantsFile:
 
 def _describe(error: Mapping[str, Any], text: str) -> str:
     loc = [str(p) for p in error["loc"]]
-    # A tuple field's item index is not a key: report the field (models[2] -> models).
-    keys = [p for p in loc if not p.isdigit()]
+    # A tuple field's item index is not a key: report the field (models[2] -> models); a bad
+    # table name is reported at the table ([key] marks pydantic's check of a dict's keys).
+    name_error = loc[-1:] == ["[key]"]
+    keys = [p for p in loc if not p.isdigit() and p != "[key]"]
     field = ".".join(keys) or "(top level)"
     line = _line_of(text, keys)
     where = f"line {line}: " if line else ""
@@ -247,11 +249,12 @@ def _describe(error: Mapping[str, Any], text: str) -> str:
     if isinstance(value, float) and not math.isfinite(value):
         return f"{where}{field}{shown}: must be a finite number"
     message = str(error["msg"])
-    if error["type"] == "string_pattern_mismatch" and len(keys) == 2:
-        message = "tenant names are 1-64 letters, digits, '.', '_', '@', '-', starting with a letter or digit"
+    if name_error:
+        return f"{where}{field}: {_NAME_RULE}"
     return f"{where}{field}{shown}: {message}"
 
 
+_NAME_RULE = "tenant names are 1-64 letters, digits, '.', '_', '@', '-', starting with a letter or digit"
 _HEADER = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(#.*)?$")
 _KEY = re.compile(r"^\s*(\"[^\"]*\"|'[^']*'|[A-Za-z0-9_-]+)\s*=")
 
@@ -283,4 +286,4 @@ def _line_of(text: str, keys: list[str]) -> int | None:
         found = _KEY.match(line)
         if current == table and found and _unquote(found.group(1)) == key:
             return n
-    return next((n for n, path in headers if path == table), None)
+    return next((n for n, path in headers if path == table or path[: len(keys)] == keys), None)

@@ -201,20 +201,29 @@ class Security:
 
         return [SecurityInterceptor(self)]
 
-    def watched_files(self) -> list[str]:
-        """The files a change of which calls for :meth:`reload`."""
+    def watched_files(self) -> dict[str, str]:
+        """The files a change of which calls for :meth:`reload`, and the part each one belongs to."""
         s = self.settings
-        files = [s.inference_api_keys_file, s.tenants_file, s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file]
-        return [f for f in files if f]
+        files = {
+            s.inference_api_keys_file: "keys",
+            s.tenants_file: "tenants",
+            s.tls_cert_file: "tls",
+            s.tls_key_file: "tls",
+            s.tls_client_ca_file: "tls",
+        }
+        return {path: part for path, part in files.items() if path}
 
-    def reload(self, trigger: str) -> ReloadResult:
-        """Reads the key file, TENANTS_FILE and the TLS files again, each on its own.
+    def reload(self, trigger: str, parts: set[str] | None = None) -> ReloadResult:
+        """Reads the key file, TENANTS_FILE and the TLS files again (``parts`` of them: ``keys``,
+        ``tenants``, ``tls``; None for all), each on its own.
 
         A part that does not load keeps its previous version: one error line names the file, the
         line and the field; the audit log records it; ``failed`` lists it.
         """
         result = ReloadResult()
         for part, load in (("keys", self._reload_keys), ("tenants", self._reload_tenants), ("tls", self._reload_tls)):
+            if parts is not None and part not in parts:
+                continue
             try:
                 if load():
                     result.changed.append(part)

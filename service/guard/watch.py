@@ -30,9 +30,9 @@ def stamp(path: str) -> Stamp:
 
 
 class FileWatcher:
-    """Calls ``on_change(path)`` from a background task when one of ``paths`` changes."""
+    """Calls ``on_change(paths)`` from a background task when some of ``paths`` changed."""
 
-    def __init__(self, paths: Sequence[str], interval_s: float, on_change: Callable[[str], None]) -> None:
+    def __init__(self, paths: Sequence[str], interval_s: float, on_change: Callable[[list[str]], None]) -> None:
         self.interval_s = interval_s
         self._on_change = on_change
         self._reported = {path: stamp(path) for path in dict.fromkeys(paths)}
@@ -71,6 +71,6 @@ class FileWatcher:
             changed = self.poll()
             if changed:
                 try:
-                    self._on_change(", ".join(changed))
+                    self._on_change(changed)
                 except Exception:  # a reload bug must not end the watching
                     log.exception("reloading after a change of %s failed", changed)

@@ -200,7 +200,10 @@ class _Call:
                 "span_id": f"{ctx.span_id:016x}" if ctx.is_valid else "",
             }
             access_log.info(orjson.dumps(fields).decode(), extra={"fields": fields})
-        current_rpc.reset(self.stats_token)
+        try:
+            current_rpc.reset(self.stats_token)
+        except ValueError:
+            pass  # a stream closed from another context (the generator's finalizer): nothing to restore
         if self.token is not None:
             otel_context.detach(self.token)  # type: ignore[arg-type]
 
