@@ -314,3 +314,26 @@ def test_prices_file_gpu_price_reaches_the_modal_meter(tmp_path: Path) -> None:
     path.write_text("[gpu_usd_per_hour]\nT4 = 0.59\n")
     s = Settings.from_env({"MODAL_GPU_TYPE": "T4", "PRICES_FILE": str(path), "LEDGER_URL": "sqlite:///:memory:"})
     assert Spend.from_settings(s).costs.meters["modal"].usd_per_hour == 0.59
+
+
+def test_the_worked_example_of_docs_cost_md() -> None:
+    """docs/cost.md's morning, to the cent: if this changes, the document must too."""
+    booked: list[UsageRecord] = []
+    costs = CostModel(meters={"modal": GpuMeter("modal", 0.80, 300, booked.append)})
+    a = costs.start("modal", now=0.0)  # 09:00:00, cold: the container boots inside A's call
+    cost_a = a.finish("qwen", now=40.0)
+    b = costs.start("modal", now=60.0)  # 20 s idle since A: booked to modal, no tenant
+    c = costs.start("modal", now=70.0)
+    cost_b = b.finish("qwen", now=90.0)
+    cost_c = c.finish("qwen", now=100.0)
+    costs.meters["modal"].poll(400.0)  # 09:06:40: the 5-minute window has passed
+    cost_d = costs.start("anthropic").finish(
+        "claude-sonnet-4-6", prompt_tokens=1_200, completion_tokens=350, cache_read_tokens=8_000
+    )
+    assert [round(x, 6) for x in (cost_a, cost_b, cost_c, cost_d)] == [0.008889, 0.004444, 0.004444, 0.01125]
+    assert [(r.duration_s, round(r.cost_usd, 6)) for r in booked] == [(20.0, 0.004444), (300.0, 0.066667)]
+    modal = cost_a + cost_b + cost_c + sum(r.cost_usd for r in booked)
+    assert modal == pytest.approx(400 * 0.80 / 3600)  # 09:00:00 to 09:06:40 of an L4
+    worst = costs.worst_case_usd([("modal", "qwen"), ("anthropic", "claude-sonnet-4-6")], 1_200, 512, 120.0)
+    assert round(worst, 6) == 0.026667  # 120 s of the L4 beats 1,200 + 512 tokens of Sonnet ($0.01128)
+    assert round(costs.wake_cost_usd("modal"), 6) == 0.066667
