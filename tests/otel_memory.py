@@ -19,25 +19,40 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from service.observe import metrics as gateway_metrics
 
-_installed: tuple[InMemorySpanExporter, InMemoryMetricReader] | None = None
+_exporter: InMemorySpanExporter | None = None
+_reader: InMemoryMetricReader | None = None
 
 
-def install() -> tuple[InMemorySpanExporter, InMemoryMetricReader] | None:
-    """The process's in-memory exporter and reader (None when something else installed an SDK)."""
-    global _installed
-    if _installed is None:
-        exporter = InMemorySpanExporter()
-        tracer_provider = TracerProvider()
-        tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
-        trace.set_tracer_provider(tracer_provider)
+def install_metrics() -> InMemoryMetricReader | None:
+    """The process's in-memory metric reader (None when something else installed a MeterProvider).
+
+    Metrics alone keep the rest of the session cheap: aggregates are bounded, spans would pile up."""
+    global _reader
+    if _reader is None:
         reader = InMemoryMetricReader()
         meter_provider = MeterProvider(metric_readers=[reader])
         metrics.set_meter_provider(meter_provider)
         gateway_metrics.reset()
-        if trace.get_tracer_provider() is not tracer_provider or metrics.get_meter_provider() is not meter_provider:
+        if metrics.get_meter_provider() is not meter_provider:
             return None
-        _installed = (exporter, reader)
-    return _installed
+        _reader = reader
+    return _reader
+
+
+def install() -> tuple[InMemorySpanExporter, InMemoryMetricReader] | None:
+    """The process's in-memory span exporter and metric reader (None when something else
+    installed an SDK)."""
+    global _exporter
+    reader = install_metrics()
+    if _exporter is None:
+        exporter = InMemorySpanExporter()
+        tracer_provider = TracerProvider()
+        tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+        trace.set_tracer_provider(tracer_provider)
+        if trace.get_tracer_provider() is not tracer_provider:
+            return None
+        _exporter = exporter
+    return None if reader is None else (_exporter, reader)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ Generated requests (unicode, NUL and huge strings, out-of-range enum ints, NaN a
 extreme ints, empty and oversized repeated fields, and raw bytes that are not a valid message at
 all) go to a running gateway over a real channel, on Chat and ChatStream. Never INTERNAL or
 UNKNOWN: a caller's mistake is INVALID_ARGUMENT (or RESOURCE_EXHAUSTED from gRPC itself for an
-oversize message), and the server stays SERVING. Requests that are valid by construction succeed.
+oversize message, and only then), and the server stays SERVING. Requests that are valid by
+construction succeed. Random model names (as many as the profile's examples: 10,000 in the long
+run) add no metric series.
 
 Examples per test come from the hypothesis profile ``GATEWAY_FUZZ_PROFILE`` (``ci``: 250, the
 default; ``fuzz``: 10,000, used by ``scripts/fuzz.py``); ``GATEWAY_FUZZ_EXAMPLES`` overrides.
@@ -17,6 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import pytest
 import pytest_asyncio
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -24,9 +27,11 @@ from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from inference.v1 import inference_pb2 as pb
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from tests.conftest import RunningGateway, make_settings, start_gateway, stop_gateway
-from tests.fakes import CannedProvider
+from tests.fakes import CannedProvider, bearer
+from tests.otel_memory import install_metrics, series, snapshot
 
 _COMMON = {"deadline": None, "database": None, "suppress_health_check": [HealthCheck.too_slow]}
 settings.register_profile("ci", max_examples=250, **_COMMON)  # type: ignore[arg-type]
@@ -40,7 +45,6 @@ MAX_CONTENT_CHARS = 20_000
 MAX_TOKENS_CAP = 4096
 INT32 = st.integers(-(2**31), 2**31 - 1)
 INT64 = st.integers(-(2**63), 2**63 - 1)
-ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -134,12 +138,17 @@ async def call(running: RunningGateway, rpc: str, fields: dict[str, Any]) -> tup
         return exc.code(), exc
 
 
-def check_error(code: grpc.StatusCode, exc: grpc.aio.AioRpcError) -> None:
-    assert code in ALLOWED, f"{code.name}: {exc.details()}"
-    if code is grpc.StatusCode.INVALID_ARGUMENT:
-        status = rpc_status.from_call(exc)
-        assert status is not None and status.details, "INVALID_ARGUMENT carries google.rpc details"
-        assert status.details[0].Is(error_details_pb2.ErrorInfo.DESCRIPTOR)
+def check_error(code: grpc.StatusCode, exc: grpc.aio.AioRpcError, size: int) -> None:
+    """A deliberate refusal of a request of ``size`` bytes: INVALID_ARGUMENT with details, or
+    RESOURCE_EXHAUSTED from gRPC itself, and only for a message over MAX_REQUEST_BYTES (this
+    gateway has no rate limits and calls run one at a time, so nothing else may exhaust)."""
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        assert size > MAX_REQUEST_BYTES, f"RESOURCE_EXHAUSTED for a {size}-byte request: {exc.details()}"
+        return
+    assert code is grpc.StatusCode.INVALID_ARGUMENT, f"{code.name}: {exc.details()}"
+    status = rpc_status.from_call(exc)
+    assert status is not None and status.details, "INVALID_ARGUMENT carries google.rpc details"
+    assert status.details[0].Is(error_details_pb2.ErrorInfo.DESCRIPTOR)
 
 
 async def assert_serving(running: RunningGateway) -> None:
@@ -158,7 +167,7 @@ async def test_generated_requests_never_fail_internally(
     if code is grpc.StatusCode.OK:
         assert result == "canned answer"
     else:
-        check_error(code, result)
+        check_error(code, result, pb.ChatRequest(**fields).ByteSize())
 
 
 @settings(PROFILE)
@@ -175,7 +184,7 @@ async def test_raw_bytes_never_fail_internally(fuzz_gateway: RunningGateway, blo
                 stream = fuzz_gateway.channel.unary_stream(path, request_serializer=bytes, response_deserializer=bytes)
                 _ = [m async for m in stream(blob, timeout=10)]
         except grpc.aio.AioRpcError as exc:
-            check_error(exc.code(), exc)
+            check_error(exc.code(), exc, len(blob))
 
 
 @settings(PROFILE)
@@ -224,3 +233,48 @@ async def test_a_request_wrong_everywhere_gets_a_bounded_invalid_argument(fuzz_g
         assert len(fields_named) == 20 and "more violations are not listed" in bad.field_violations[-1].description
         scalars = {"temperature", "top_p", "max_tokens", "model", "stop[0]", "stop[1]", "seed", "cold_start_policy"}
         assert scalars <= set(fields_named), "per-field violations are never the ones cut off"
+
+
+# ----------------------------------------------------------------------------- label cardinality
+
+TENANT_TOKEN = "alpha-token-0123456789abcdef"
+HI = [pb.Message(role=pb.ROLE_USER, content="hi")]
+MODEL_NAMES = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]{0,80}", fullmatch=True)
+
+
+async def tenant_call(running: RunningGateway, rpc: str, model: str) -> None:
+    if rpc == "Chat":
+        await running.stub.Chat(pb.ChatRequest(messages=HI, model=model), metadata=bearer(TENANT_TOKEN))
+    else:
+        stream = running.stub.ChatStream(pb.ChatStreamRequest(messages=HI, model=model), metadata=bearer(TENANT_TOKEN))
+        _ = [m async for m in stream]
+
+
+@pytest_asyncio.fixture(scope="module")
+async def metered_gateway() -> AsyncIterator[tuple[RunningGateway, InMemoryMetricReader]]:
+    """A gateway with one tenant, recording metrics in memory, every series already made once."""
+    reader = install_metrics()
+    if reader is None:
+        pytest.skip("another test installed a MeterProvider first")
+    running = await start_gateway(make_settings(inference_api_keys=f"alpha:{TENANT_TOKEN}"), [CannedProvider()])
+    for model in ("canned-model", "not-configured"):
+        for rpc in ("Chat", "ChatStream"):
+            await tenant_call(running, rpc, model)
+    yield running, reader
+    await stop_gateway(running)
+
+
+@settings(PROFILE)
+@given(model=MODEL_NAMES, rpc=st.sampled_from(["Chat", "ChatStream"]))
+async def test_random_model_names_create_no_new_series(
+    metered_gateway: tuple[RunningGateway, InMemoryMetricReader], model: str, rpc: str
+) -> None:
+    """A caller cannot grow the metrics: a model name that is not configured is labelled ``other``."""
+    running, reader = metered_gateway
+    before = set(snapshot(reader))
+    await tenant_call(running, rpc, model)
+    after = snapshot(reader)
+    assert set(after) <= before, f"model {model!r} made new series: {set(after) - before}"
+    models = {a.get("gen_ai.request.model") for a in series(after, "gen_ai.client.operation.duration")}
+    assert models <= {"canned-model", "other"}
+    assert {a.get("gateway.tenant") for a in series(after, "gateway.rpc.calls")} <= {"alpha", "anonymous"}

@@ -255,3 +255,51 @@ async def test_an_echoed_credential_is_redacted_from_errors() -> None:
         error = await echo_call(vast)
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert ECHOED_KEY not in describe_error(error)
+
+
+# ----------------------------------------------------------------------------- short keys, URLs, OTLP headers
+
+
+def test_a_short_key_is_redacted_too(caplog: pytest.LogCaptureFixture) -> None:
+    """Keys under 8 characters used to be left in the clear (they are warned about, and still keys)."""
+    from service.guard.security import Security
+
+    Security(make_settings(inference_api_keys="tiny:k3y42", admin_api_keys="ops:adm9"))
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("service.test").info("a caller sent k3y42, another adm9")
+    assert "k3y42" not in caplog.text and "adm9" not in caplog.text
+    assert caplog.text.count("[REDACTED]") == 2
+
+
+async def test_credentials_in_an_upstream_url_never_reach_logs_or_spans(caplog: pytest.LogCaptureFixture) -> None:
+    from service.guard.redaction import redact
+
+    assert redact("GET https://bob:hunter2@host.example/v1 failed") == "GET https://host.example/v1 failed"
+    with FakeOpenAI() as vast:
+        url = vast.base_url.replace("http://", "http://bob:hunter2-in-url@")
+        settings = make_settings(vastai_vllm_url=url, provider_order=("vastai",))
+        with caplog.at_level(logging.DEBUG):
+            running = await start_gateway(settings)
+            try:
+                await running.stub.Chat(pb.ChatRequest(messages=HELLO), timeout=10)
+                logging.getLogger("service.test").warning("the password alone: hunter2-in-url")
+            finally:
+                await stop_gateway(running)
+    assert "hunter2-in-url" not in caplog.text and "bob:" not in caplog.text
+    assert vast.base_url in caplog.text, "the URL itself is still logged, without its userinfo"
+
+
+def test_otlp_header_values_are_secrets(caplog: pytest.LogCaptureFixture) -> None:
+    from service.observe.otel_setup import setup_telemetry
+
+    env = {
+        "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer%20otlp-SECRET-0012,x-tenant=tn-SECRET-0013",
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "api-key=tr-SECRET-0014",
+        "OTEL_TRACES_EXPORTER": "none",
+        "OTEL_METRICS_EXPORTER": "none",
+    }
+    setup_telemetry(make_settings(), env)
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("service.test").info("exporter said: otlp-SECRET-0012 tn-SECRET-0013 tr-SECRET-0014")
+    for secret in ("otlp-SECRET-0012", "tn-SECRET-0013", "tr-SECRET-0014"):
+        assert secret not in caplog.text

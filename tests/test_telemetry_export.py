@@ -1,8 +1,11 @@
-"""Real export: the service process sends spans and metrics over OTLP/gRPC to a receiver this test
-runs on loopback, and serves a Prometheus scrape endpoint on METRICS_PORT."""
+"""Real export: the service process sends spans and metrics over OTLP (gRPC, and HTTP/protobuf
+chosen per signal) to receivers this test runs on loopback, to several exporters at once (comma
+lists), and serves a Prometheus scrape endpoint on METRICS_ADDRESS, or on METRICS_PORT next to a
+``unix:`` gRPC bind."""
 
 from __future__ import annotations
 
+import gzip
 import os
 import signal
 import subprocess
@@ -12,6 +15,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +94,7 @@ def test_otlp_and_prometheus_export(receiver: tuple[Receiver, int]) -> None:
             "OTEL_SERVICE_NAME": "gateway-under-test",
             "OTEL_BSP_SCHEDULE_DELAY": "100",
             "OTEL_METRIC_EXPORT_INTERVAL": "300",
-            "METRICS_PORT": str(metrics_port),
+            "METRICS_ADDRESS": f"127.0.0.1:{metrics_port}",
             "SHUTDOWN_GRACE_S": "2",
         }
     )
@@ -132,3 +136,96 @@ def test_otlp_and_prometheus_export(receiver: tuple[Receiver, int]) -> None:
         if proc.poll() is None:
             proc.kill()
         vast.stop()
+
+
+class HttpReceiver(BaseHTTPRequestHandler):
+    """OTLP/HTTP: POST /v1/traces with an ExportTraceServiceRequest body (protobuf, maybe gzip)."""
+
+    spans: list[Any] = []
+    headers_seen: list[dict[str, str]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["content-length"]))
+        if self.headers.get("content-encoding") == "gzip":
+            body = gzip.decompress(body)
+        if self.path == "/v1/traces" and self.headers.get("content-type") == "application/x-protobuf":
+            request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+            HttpReceiver.headers_seen.append({k.lower(): v for k, v in self.headers.items()})
+            for rs in request.resource_spans:
+                for ss in rs.scope_spans:
+                    HttpReceiver.spans.extend(ss.spans)
+            reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+            self.send_response(200)
+            self.send_header("content-type", "application/x-protobuf")
+            self.send_header("content-length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+        else:
+            self.send_response(404)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_http_protobuf_per_signal_comma_lists_and_a_unix_bind(receiver: tuple[Receiver, int], tmp_path: Path) -> None:
+    """Traces over OTLP/HTTP (and to the console), metrics over OTLP/gRPC, Prometheus on METRICS_PORT
+    while gRPC listens on a unix socket (that combination used to crash at startup)."""
+    rec, grpc_port = receiver
+    http = ThreadingHTTPServer(("127.0.0.1", 0), HttpReceiver)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    vast = FakeOpenAI(models=[MODAL_MODEL]).start()
+    vast.default = Ok(tokens=["x ", "y"])
+    socket_path = tmp_path / "gateway.sock"
+    metrics_port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MODAL_", "ANTHROPIC_", "OTEL_"))}
+    env.update(
+        {
+            "GRPC_LISTEN_ADDRESS": f"unix:{socket_path}",
+            "VASTAI_VLLM_URL": vast.base_url,
+            "VASTAI_MODEL": MODAL_MODEL,
+            "OTEL_TRACES_EXPORTER": "otlp, console",
+            "OTEL_METRICS_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{http.server_port}",
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "x-collector-key=ck-SECRET-0015",
+            "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip",
+            "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "grpc",
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"http://127.0.0.1:{grpc_port}",
+            "OTEL_EXPORTER_OTLP_METRICS_INSECURE": "true",
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "OTEL_METRIC_EXPORT_INTERVAL": "300",
+            "METRICS_PORT": str(metrics_port),
+            "SHUTDOWN_GRACE_S": "2",
+        }
+    )
+    rec.metric_names.clear()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        try:
+            wait_serving(f"unix:{socket_path}", timeout_s=20)
+        except TimeoutError:
+            proc.kill()
+            raise AssertionError((proc.stdout.read() if proc.stdout else b"").decode()[-3000:]) from None
+        with grpc.insecure_channel(f"unix:{socket_path}") as channel:
+            pb_grpc.InferenceServiceStub(channel).Chat(pb.ChatRequest(messages=MESSAGES), timeout=10)
+        assert wait_until(lambda: "inference.v1.InferenceService/Chat" in {s.name for s in HttpReceiver.spans})
+        assert HttpReceiver.headers_seen[-1].get("x-collector-key") == "ck-SECRET-0015"
+        assert wait_until(lambda: "gateway.overhead.duration" in rec.metric_names), rec.metric_names
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        assert "gateway_rpc_calls" in body
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        vast.stop()
+        http.shutdown()
+    text = out.decode()
+    assert '"name": "inference.v1.InferenceService/Chat"' in text, "the console exporter ran as well"
+    assert "traces:otlp/http/protobuf" in text and "metrics:otlp/grpc" in text
+    assert "ck-SECRET-0015" not in text

@@ -1,13 +1,12 @@
 """Telemetry that tells the truth: overhead without waits, the wait trailer (on errors too), span
-status by who failed, usage only when reported, server.port, the circuit-state gauge, bounded
-labels, and the caller's baggage kept from the upstreams (in-memory SDK, real channels)."""
+status by who failed, usage only when reported, server.port, the circuit-state gauge, and the
+caller's baggage kept from the upstreams (in-memory SDK, real channels). Bounded labels are a
+property test in test_fuzz.py."""
 
 from __future__ import annotations
 
 import json
 import logging
-import random
-import string
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +21,7 @@ from service.observe.telemetry import _split_endpoint
 from service.providers.base import Usage
 from tests.conftest import make_settings, start_gateway, stop_gateway
 from tests.fakes import CannedProvider, bearer
-from tests.otel_memory import install, series, snapshot
+from tests.otel_memory import install, snapshot
 from tests.routing_helpers import MESSAGES, MODAL_MODEL, chain_settings
 from tests.upstreams import FakeOpenAI, Ok, Status
 
@@ -194,40 +193,6 @@ async def test_circuit_state_gauge_shows_every_state_from_startup(otel: Any) -> 
             assert gauge == {"closed": 0, "open": 1, "half_open": 0}
         finally:
             await stop_gateway(running)
-
-
-def random_model(rng: random.Random) -> str:
-    return rng.choice(string.ascii_letters) + "".join(rng.choices(string.ascii_letters + "./-_:", k=rng.randint(0, 40)))
-
-
-async def test_random_model_names_create_no_new_series(otel: Any) -> None:
-    """A caller cannot grow the metrics: unknown model names are ``other``, unknown tenants too."""
-    import os
-
-    _, reader = otel
-    count = 10_000 if os.environ.get("GATEWAY_FUZZ_PROFILE") == "fuzz" else 300
-    provider = CannedProvider("modal")
-    running = await start_gateway(make_settings(inference_api_keys=f"alpha:{ALPHA}"), [provider])
-    rng = random.Random(12)
-    try:
-        for model in ("canned-model", random_model(rng)):  # every series these calls can make, once
-            await running.stub.Chat(pb.ChatRequest(messages=MESSAGES, model=model), metadata=bearer(ALPHA))
-            stream = running.stub.ChatStream(
-                pb.ChatStreamRequest(messages=MESSAGES, model=model), metadata=bearer(ALPHA)
-            )
-            _ = [m async for m in stream]
-        before = set(snapshot(reader))
-        for _ in range(count):
-            await running.stub.Chat(pb.ChatRequest(messages=MESSAGES, model=random_model(rng)), metadata=bearer(ALPHA))
-        after = snapshot(reader)
-    finally:
-        await stop_gateway(running)
-    assert provider.calls >= count
-    assert set(after) - before == set(), "random model names made new series"
-    models = {a.get("gen_ai.request.model") for a in series(after, "gen_ai.client.operation.duration")}
-    assert {"canned-model", "other"} <= models
-    tenants = {a.get("gateway.tenant") for a in series(after, "gateway.rpc.calls")}
-    assert "alpha" in tenants and tenants <= {"alpha", "anonymous"}
 
 
 # ----------------------------------------------------------------------------- baggage

@@ -53,9 +53,14 @@ def header_values(env: Mapping[str, str]) -> list[str]:
         *(f"OTEL_EXPORTER_OTLP_{s}_HEADERS" for s in ("TRACES", "METRICS", "LOGS")),
     ):
         raw = env.get(var, "")
-        if raw:
-            values.extend(v for v in parse_env_headers(raw, liberal=True).values() if v)
-    return values
+        for value in parse_env_headers(raw, liberal=True).values() if raw else ():
+            values.append(value)
+            token = value.split()[-1] if value.strip() else ""
+            if token != value and len(token) >= 8:
+                values.append(token)  # "Bearer <token>": the token may be logged without its scheme
+        for item in raw.split(","):
+            values.append(item.partition("=")[2].strip())  # as written, still URL-encoded
+    return [v for v in values if v]
 
 
 class _Poster:
