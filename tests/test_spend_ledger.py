@@ -16,6 +16,7 @@ import pytest
 from service.spend import SqlLedger, UsageRecord, UsageRow
 from service.spend.engine import Batch, CounterDelta, engine_for_url, redact_url
 from service.spend.ledger import LedgerUnavailableError
+from service.spend.records import to_row
 from tests.test_spend_support import DAY, NOW, call, new_ledger, pg_admin, set_pg_down
 
 pytest_plugins = ("tests.test_spend_support",)  # fixtures: ledger_url (each engine), ledger, pg_url
@@ -130,7 +131,7 @@ async def test_usage_grouped_by_each_dimension(ledger: SqlLedger) -> None:
 async def test_a_batch_sent_again_after_a_lost_commit_reply_changes_nothing(ledger_url: str) -> None:
     led = new_ledger(ledger_url)
     await led.open()
-    batch = Batch("b1", [call(cost=0.5)], [CounterDelta("provider", "anthropic", "2026-11", spent_usd=0.5)])
+    batch = Batch("b1", [to_row(call(cost=0.5))], [CounterDelta("provider", "anthropic", "2026-11", spent_usd=0.5)])
     assert await led.engine.write(batch) is True
     assert await led.engine.write(batch) is False  # same id: already committed
     assert await count(led) == 1
@@ -155,6 +156,17 @@ async def test_odd_values_never_block_a_batch(ledger: SqlLedger) -> None:
     assert set(rows) == {"acme", "inf", "neg"}  # NUL stripped
     assert rows["acme"].prompt_tokens == 2**63 - 1 and rows["acme"].completion_tokens == 0
     assert all(r.cost_usd == 0.0 for r in rows.values())  # NaN, inf, negative: never summed
+
+
+async def test_a_malformed_record_is_dropped_alone_never_blocking_its_batch(ledger: SqlLedger) -> None:
+    ledger.record(call("a"))
+    ledger.record(call("b", at="yesterday"))  # type: ignore[arg-type]  # refused by record() itself
+    ledger.record(call("c", cost=0.5, attempts=("not an attempt",)))  # refused when its batch is formed
+    ledger.record(call("d"))
+    assert await ledger.flush(), ledger.state()
+    assert [r.tenant for r in await ledger.usage(group_by=["tenant"])] == ["a", "d"]
+    assert ledger.state().dropped == 2
+    assert ledger.provider_spend_estimate("anthropic") == pytest.approx(0.02)  # c's 0.5 no longer counted
 
 
 async def test_record_never_raises_and_the_bound_drops_and_counts(ledger_url: str) -> None:

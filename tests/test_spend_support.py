@@ -103,7 +103,11 @@ def call(
     **kwargs: object,
 ) -> UsageRecord:
     """A call's record with the fields reports group by."""
-    fields: dict[str, object] = {"duration_s": 0.8, "ttft_s": 0.2} | kwargs
+    fields: dict[str, object] = {
+        "duration_s": 0.8,
+        "ttft_s": 0.2,
+        "attempts": (Attempt(provider, "ok" if status == 0 else "PROVIDER_UNAVAILABLE"),),
+    } | kwargs
     return UsageRecord(
         time=at,
         tenant=tenant,
@@ -113,7 +117,6 @@ def call(
         model=model,
         served_model=model,
         provider=provider,
-        attempts=(Attempt(provider, "ok" if status == 0 else "PROVIDER_UNAVAILABLE"),),
         prompt_tokens=prompt,
         completion_tokens=completion,
         status_code=status,

@@ -30,7 +30,7 @@ from typing import Literal
 
 from service.spend.engine import BUDGET_EPSILON_USD, Counter, CounterDelta
 from service.spend.ledger import SqlLedger
-from service.spend.records import month_key, next_month_start
+from service.spend.records import clean_text, month_key, next_month_start
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +168,7 @@ class Budgets:
             The reservation to settle after the call, or None: the budget is exhausted
             (:meth:`tenant_status` says by how much and when it resets).
         """
+        tenant = clean_text(tenant)
         amount = _usd(max_cost_usd)
         month = month_key(self._clock())
         limit = self._tenant_limits.get(tenant)
@@ -219,6 +220,7 @@ class Budgets:
         unreachable)."""
         now = self._clock()
         month = month_key(now)
+        tenant = clean_text(tenant)
         limit = self._tenant_limits.get(tenant)
         try:
             counter = (await self._ledger.engine.counters("tenant", month)).get(tenant, Counter(0.0, 0.0))

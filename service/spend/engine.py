@@ -23,7 +23,7 @@ from datetime import datetime
 from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from service.spend.records import DIMENSIONS, Dimension, UsageRecord, UsageRow
+from service.spend.records import DIMENSIONS, Dimension, UsageRow
 
 Scope = Literal["provider", "tenant"]
 
@@ -45,10 +45,16 @@ class CounterDelta:
 
 @dataclass(slots=True)
 class Batch:
-    """What one transaction writes; retried unchanged (same id) until it commits."""
+    """What one transaction writes; retried unchanged (same id) until it commits.
+
+    Attributes:
+        id: Unique id, written with the batch: a batch sent again after a lost reply is skipped.
+        rows: Records as columns (:func:`~service.spend.records.to_row`), already sanitised.
+        deltas: Counter changes.
+    """
 
     id: str
-    records: list[UsageRecord] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
     deltas: list[CounterDelta] = field(default_factory=list)
 
 

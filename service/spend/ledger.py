@@ -28,7 +28,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from service.spend.engine import Batch, CounterDelta, Engine, Scope
 from service.spend.records import (
@@ -36,9 +36,11 @@ from service.spend.records import (
     LedgerState,
     UsageRecord,
     UsageRow,
+    clean_text,
     month_key,
     month_start,
     next_month_start,
+    to_row,
     utc,
 )
 
@@ -123,6 +125,7 @@ class SqlLedger:
         self._clock = clock
         self._queue: deque[UsageRecord] = deque()
         self._inflight: Batch | None = None
+        self._inflight_pending: dict[tuple[str, str], float] = {}
         self._deltas: dict[tuple[Scope, str, str], list[float]] = {}
         self._pending_cost: dict[tuple[str, str], float] = {}  # (provider, month) -> queued cost
         self._provider_spent: dict[str, dict[str, float]] = {}  # month -> provider -> committed cost
@@ -163,14 +166,13 @@ class SqlLedger:
         """Queues one record for the next batch. Never blocks, never raises; past ``queue_max``
         queued records it drops the new one and counts it in ``state().dropped``."""
         try:
-            depth = len(self._queue) + (len(self._inflight.records) if self._inflight else 0)
-            if depth >= self.queue_max or self._closed:
+            if len(self._queue) + self._inflight_size() >= self.queue_max or self._closed:
                 self._dropped += 1
                 return
+            pending = _pending(rec)  # also refuses a record without a usable time, here
             self._queue.append(rec)
-            cost = rec.cost_usd
-            if rec.provider and isinstance(cost, float | int) and math.isfinite(cost) and cost > 0:
-                key = (rec.provider, month_key(rec.time))
+            if pending is not None:
+                key, cost = pending
                 self._pending_cost[key] = self._pending_cost.get(key, 0.0) + cost
             if len(self._queue) >= self.batch_max:
                 self._wake.set()
@@ -178,10 +180,13 @@ class SqlLedger:
             self._dropped += 1
             log.exception("ledger: record dropped")
 
+    def _inflight_size(self) -> int:
+        return len(self._inflight.rows) if self._inflight else 0
+
     def add_delta(self, delta: CounterDelta) -> None:
         """Queues a budget counter change for the next batch (settled reservations). Deltas are
         summed per counter, so they take no queue space and are never dropped."""
-        key = (delta.scope, delta.name, delta.month)
+        key = (delta.scope, clean_text(delta.name), delta.month)
         sums = self._deltas.setdefault(key, [0.0, 0.0])
         sums[0] += delta.spent_usd
         sums[1] += delta.reserved_usd
@@ -213,7 +218,7 @@ class SqlLedger:
             except TimeoutError:
                 break
         if self._has_work():
-            lost = len(self._queue) + (len(self._inflight.records) if self._inflight else 0)
+            lost = len(self._queue) + self._inflight_size()
             self._dropped += lost
             log.error("ledger: %d records not written at shutdown: %s", lost, self._last_error or "timed out")
         self._closed = True
@@ -276,36 +281,55 @@ class SqlLedger:
             return True
 
     def _next_batch(self) -> Batch:
-        records = [self._queue.popleft() for _ in range(min(len(self._queue), self.batch_max))]
-        provider_costs: dict[tuple[str, str], float] = {}
-        for rec in records:
-            cost = rec.cost_usd
-            if rec.provider and isinstance(cost, float | int) and math.isfinite(cost) and cost > 0:
-                key = (rec.provider, month_key(rec.time))
-                provider_costs[key] = provider_costs.get(key, 0.0) + cost
+        rows: list[dict[str, Any]] = []
+        provider_costs: dict[tuple[str, str], float] = {}  # the counters, from the sanitised rows
+        self._inflight_pending = {}  # what record() counted as queued, released at commit
+        for _ in range(min(len(self._queue), self.batch_max)):
+            rec = self._queue.popleft()
+            pending = None
+            try:
+                pending = _pending(rec)
+                row = to_row(rec)
+            except Exception:  # one bad record is dropped here, never retried with its batch forever
+                self._dropped += 1
+                log.exception("ledger: record dropped")
+                if pending is not None:
+                    self._unpend(*pending)
+                continue
+            rows.append(row)
+            if pending is not None:
+                key, cost = pending
+                self._inflight_pending[key] = self._inflight_pending.get(key, 0.0) + cost
+            if row["provider"] and row["cost_usd"] > 0:
+                key = (row["provider"], month_key(row["ts"]))
+                provider_costs[key] = provider_costs.get(key, 0.0) + row["cost_usd"]
         deltas = [CounterDelta("provider", p, m, spent_usd=c) for (p, m), c in provider_costs.items()]
         deltas += [CounterDelta(s, n, m, spent, reserved) for (s, n, m), (spent, reserved) in self._deltas.items()]
         self._deltas = {}
-        self._inflight = Batch(uuid.uuid4().hex, records, deltas)
+        self._inflight = Batch(uuid.uuid4().hex, rows, deltas)
         return self._inflight
 
     def _committed(self, batch: Batch) -> None:
         self._inflight = None
-        self._written += len(batch.records)
+        self._written += len(batch.rows)
+        for key, cost in self._inflight_pending.items():
+            self._unpend(key, cost)
+        self._inflight_pending = {}
         for d in batch.deltas:
             if d.scope != "provider":
                 continue
-            key = (d.name, d.month)
-            left = self._pending_cost.get(key, 0.0) - d.spent_usd
-            if left > 1e-12:
-                self._pending_cost[key] = left
-            else:
-                self._pending_cost.pop(key, None)
             month = self._provider_spent.setdefault(d.month, {})
             month[d.name] = month.get(d.name, 0.0) + d.spent_usd
         self._ok = True
         self._last_error = ""
         self._last_flush = self._clock()
+
+    def _unpend(self, key: tuple[str, str], cost: float) -> None:
+        left = self._pending_cost.get(key, 0.0) - cost
+        if left > 1e-12:
+            self._pending_cost[key] = left
+        else:
+            self._pending_cost.pop(key, None)
 
     def _fail(self, exc: BaseException) -> None:
         message = f"{type(exc).__name__}: {exc}".strip()[:500]
@@ -344,7 +368,7 @@ class SqlLedger:
             ok=self._ok and self._ready,
             engine=self.engine.name,
             location=self.engine.location,
-            queue_depth=len(self._queue) + (len(self._inflight.records) if self._inflight else 0),
+            queue_depth=len(self._queue) + self._inflight_size(),
             queue_max=self.queue_max,
             dropped=self._dropped,
             written=self._written,
@@ -399,3 +423,13 @@ class SqlLedger:
             raise
         except Exception as exc:
             raise LedgerUnavailableError(f"ledger ({self.engine.name}) cannot be read: {exc}") from exc
+
+
+def _pending(rec: UsageRecord) -> tuple[tuple[str, str], float] | None:
+    """The (provider, month) a record's cost counts toward, and the cost; None when it costs
+    nothing. Raises for a record without a usable time."""
+    key = (rec.provider, month_key(rec.time))
+    cost = rec.cost_usd
+    if rec.provider and isinstance(cost, float | int) and math.isfinite(cost) and cost > 0:
+        return key, float(cost)
+    return None

@@ -31,7 +31,7 @@ from service.spend.engine import (
     redact_url,
     usage_row,
 )
-from service.spend.records import Dimension, UsageRow, to_row
+from service.spend.records import Dimension, UsageRow
 
 POOL_MIN_SIZE = 1
 POOL_MAX_SIZE = 4  # the writer, reservations and the odd report; statements are short
@@ -134,7 +134,7 @@ class PostgresEngine:
 
     async def write(self, batch: Batch) -> bool:
         """Commits a batch in one transaction; False when its id was already committed."""
-        rows = [_pg_row(to_row(rec)) for rec in batch.records]
+        rows = [_pg_row(row) for row in batch.rows]
         deltas = [
             {"scope": d.scope, "name": d.name, "month": d.month, "spent": d.spent_usd, "reserved": d.reserved_usd}
             for d in batch.deltas

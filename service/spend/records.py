@@ -161,9 +161,13 @@ def next_month_start(t: datetime) -> datetime:
     return datetime(t.year + t.month // 12, t.month % 12 + 1, 1, tzinfo=UTC)
 
 
-def _text(value: object, limit: int = MAX_TEXT_CHARS) -> str:
-    # PostgreSQL refuses NUL in text; one odd string must never block a batch of good ones.
+def clean_text(value: object, limit: int = MAX_TEXT_CHARS) -> str:
+    """``value`` as text a database takes: without NUL (PostgreSQL refuses it; one odd string must
+    never block a batch of good ones) and at most ``limit`` characters."""
     return str(value).replace("\x00", "")[:limit]
+
+
+_text = clean_text
 
 
 def _count(value: Any) -> int:

@@ -30,7 +30,7 @@ from service.spend.engine import (
     group_columns,
     usage_row,
 )
-from service.spend.records import Dimension, UsageRow, to_row
+from service.spend.records import Dimension, UsageRow
 
 T = TypeVar("T")
 
@@ -131,6 +131,18 @@ class SQLiteEngine:
         await self._run(self._migrate)
 
     def _migrate(self) -> None:
+        # Switching a new file to WAL takes an exclusive lock, and SQLite reports a second process
+        # doing the same at that moment as "locked" without waiting: retry that briefly.
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                return self._migrate_once()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _migrate_once(self) -> None:
         conn = self._connection()
         conn.execute("CREATE TABLE IF NOT EXISTS spend_schema (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
 
@@ -161,7 +173,7 @@ class SQLiteEngine:
 
     async def write(self, batch: Batch) -> bool:
         """Commits a batch in one transaction; False when its id was already committed."""
-        rows = [_sqlite_row(rec) for rec in [to_row(r) for r in batch.records]]
+        rows = [_sqlite_row(row) for row in batch.rows]
         deltas = [
             {"scope": d.scope, "name": d.name, "month": d.month, "spent": d.spent_usd, "reserved": d.reserved_usd}
             for d in batch.deltas
