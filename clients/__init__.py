@@ -5,10 +5,18 @@ options (:class:`ChatOptions`); the target, API key and CA default to ``INFERENC
 ``INFERENCE_API_KEY`` and ``INFERENCE_CA_FILE``. Errors are this package's own
 (:class:`InferenceError` and subclasses): callers never import grpc. ``python -m clients`` is
 the command line.
+
+Agents: ``tools=``, ``tool_choice=``, ``response_format=`` (a JSON Schema dict or a pydantic model
+class; ``result.parsed``), ``images=`` (paths or URLs) and ``metadata=``; answers carry
+``tool_calls`` (:class:`ToolCall`, ``.args()``), and a tool's result goes back as
+``messages=[..., result.as_message(), call.result(output)]``. ``stream.events()`` yields
+tool-call fragments as they arrive; ``list_models()`` shows the model catalogue.
 """
 
 from importlib import metadata as _metadata
 
+from clients.agent import ImageLike, ResponseFormatLike, ToolLike, image_url
+from clients.base import StreamEvent
 from clients.client import AsyncInferenceClient, ChatStream
 from clients.connection import DEFAULT_TARGET, Connection, resolve_connection
 from clients.errors import (
@@ -26,7 +34,18 @@ from clients.errors import (
 )
 from clients.options import ChatOptions, MessageLike, RetryPolicy
 from clients.sync_client import InferenceClient, SyncChatStream
-from clients.types import Attempt, ChatResult, Health, ProviderHealth, Usage
+from clients.types import (
+    Attempt,
+    CatalogModel,
+    ChatResult,
+    Health,
+    ModelRoute,
+    ProviderHealth,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+)
 
 try:
     __version__ = _metadata.version("inference-gateway")
@@ -39,6 +58,7 @@ __all__ = [
     "Attempt",
     "AuthenticationError",
     "CancelledError",
+    "CatalogModel",
     "ChatOptions",
     "ChatResult",
     "ChatStream",
@@ -46,19 +66,28 @@ __all__ = [
     "Connection",
     "DeadlineExceededError",
     "Health",
+    "ImageLike",
     "InferenceClient",
     "InferenceError",
     "InvalidRequestError",
     "MessageLike",
     "ModelNotFoundError",
+    "ModelRoute",
     "PermissionDeniedError",
     "ProviderHealth",
     "RateLimitedError",
+    "ResponseFormatLike",
     "RetryPolicy",
+    "StreamEvent",
     "StreamInterruptedError",
     "SyncChatStream",
+    "Tool",
+    "ToolCall",
+    "ToolCallDelta",
+    "ToolLike",
     "UnavailableError",
     "Usage",
     "__version__",
+    "image_url",
     "resolve_connection",
 ]

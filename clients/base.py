@@ -11,7 +11,10 @@ from inference.v1 import inference_pb2 as pb
 from clients import convert
 from clients.connection import Connection, resolve_connection
 from clients.options import DEFAULT_TIMEOUT_S, ChatOptions, RetryPolicy
-from clients.types import ChatResult, Usage
+from clients.types import ChatResult, ToolCall, ToolCallDelta, Usage
+
+StreamEvent = str | ToolCallDelta
+"""What ``stream.events()`` yields: text, or a tool-call fragment, in arrival order."""
 
 
 class ClientBase:
@@ -84,9 +87,11 @@ class ClientBase:
 class StreamState:
     """What a stream has received so far; the same for both clients."""
 
-    def __init__(self) -> None:
+    def __init__(self, parse: convert.Parser = None) -> None:
         self.final: ChatResult | None = None
         self.text_parts: list[str] = []
+        self.tool_call_deltas: list[ToolCallDelta] = []
+        self._parse = parse
 
     @property
     def text(self) -> str:
@@ -98,10 +103,33 @@ class StreamState:
         """Token usage, once the stream has ended."""
         return self.final.usage if self.final else None
 
-    def _take(self, message: pb.ChatStreamResponse) -> str | None:
-        """Records one message; returns its text for a delta, None for the final message."""
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        """The tool calls: as the gateway assembled them once the stream has ended, else as the
+        fragments so far make them up (the last call's arguments may still be incomplete)."""
+        return self.final.tool_calls if self.final else convert.assemble(self.tool_call_deltas)
+
+    @property
+    def _answered(self) -> bool:
+        """Something of the answer arrived: retrying now would splice two answers."""
+        return bool(self.text_parts or self.tool_call_deltas)
+
+    def _take(self, message: pb.ChatStreamResponse) -> list[StreamEvent]:
+        """Records one message; returns its events (none for the final message).
+
+        A delta that carries only tool-call fragments yields no text, so text iteration sees
+        exactly the text the model wrote.
+        """
         if message.HasField("delta"):
-            self.text_parts.append(message.delta.text)
-            return message.delta.text
-        self.final = convert.stream_result(message.final, self.text)
-        return None
+            delta = message.delta
+            events: list[StreamEvent] = []
+            if delta.text or not delta.tool_calls:
+                self.text_parts.append(delta.text)
+                events.append(delta.text)
+            for d in delta.tool_calls:
+                fragment = convert.tool_call_delta(d)
+                self.tool_call_deltas.append(fragment)
+                events.append(fragment)
+            return events
+        self.final = convert.stream_result(message.final, self.text, self._parse)
+        return []

@@ -1,4 +1,4 @@
-"""``python -m clients``: chat, health and provider status from a shell.
+"""``python -m clients``: chat, the model catalogue, health and provider status from a shell.
 
 Connection options (``--target``, ``--api-key``, ``--ca``, ``--server-name``, ``--timeout``) go
 anywhere on the line, before or after the subcommand, and default to ``INFERENCE_TARGET``,
@@ -14,16 +14,18 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, TextIO
 
 from google.protobuf import json_format
 
 from clients import __version__
+from clients.agent import image_url, tool_message
 from clients.connection import API_KEY_ENV, CA_FILE_ENV, DEFAULT_TARGET, TARGET_ENV
 from clients.errors import ClientConfigError, InferenceError
 from clients.options import DEFAULT_TIMEOUT_S, ChatOptions, RetryPolicy
 from clients.sync_client import InferenceClient
-from clients.types import ChatResult
+from clients.types import ChatResult, ToolCall
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -34,6 +36,14 @@ CHAT_EXAMPLES = """examples:
   python -m clients chat "Count to five" --stream --target 10.0.0.5:50051
   python -m clients chat "List three colours" --stream --json      # NDJSON, one object per message
   echo "Summarise this" | python -m clients chat - --system "Be brief" --cold-start wait
+  python -m clients chat "Name a colour" --schema schema.json     # prints the JSON, checked against it
+  python -m clients chat "What is in this picture?" --image photo.png --image https://example.com/b.jpg
+  python -m clients chat "Weather in Paris?" --tool tools.json --tool-choice required --json
+"""
+
+MODELS_EXAMPLES = """examples:
+  python -m clients models
+  python -m clients models --json --target gateway.internal:50051
 """
 
 HEALTH_EXAMPLES = """examples:
@@ -47,6 +57,7 @@ PROVIDERS_EXAMPLES = """examples:
 
 TOP_EXAMPLES = f"""examples:
   python -m clients chat "Say hello" --stream
+  python -m clients models
   python -m clients health --target 127.0.0.1:50051
   python -m clients --version
 
@@ -100,37 +111,129 @@ def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                 status = client.provider_status(timeout_s=client.timeout_s)
                 print(json.dumps(json_format.MessageToDict(status), indent=2))
                 return EXIT_OK
+            if args.command == "models":
+                return _models(client, as_json=args.json)
             return _chat(client, args)
         except InferenceError as exc:
             _print_error(exc, as_json=getattr(args, "json", False))
             return EXIT_FAILED
 
 
+def _models(client: InferenceClient, *, as_json: bool) -> int:
+    models = client.list_models(timeout_s=client.timeout_s)
+    if as_json:
+        print(json.dumps([asdict(m) for m in models], indent=2))
+        return EXIT_OK
+    for i, model in enumerate(models):
+        routes = ", ".join(f"{r.provider}={r.model}" for r in model.routes)
+        print(f"{model.name}{' (default)' if i == 0 else ''}: {routes}")
+    return EXIT_OK
+
+
 def _chat(client: InferenceClient, args: argparse.Namespace) -> int:
+    options = _chat_options(args)  # before stdin is read: a bad file is reported at once
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    options = _chat_options(args)
     out = sys.stdout
     if not args.stream:
         result = client.chat(prompt, **options)
         if args.json:
-            print(json.dumps(asdict(result), indent=2))
+            print(json.dumps(_result_dict(result, schema=args.schema is not None), indent=2))
         else:
-            print(result.text)
+            if result.text or not result.tool_calls:
+                print(_pretty_json(result.text) if args.schema is not None else result.text)
+            _print_tool_calls(result.tool_calls)
             _summary(result)
         return EXIT_OK
     with client.chat_stream(prompt, **options) as stream:
-        for text in stream:
-            out.write(json.dumps({"delta": {"text": text}}) + "\n" if args.json else text)
+        for event in stream.events():
+            if isinstance(event, str):
+                out.write(json.dumps({"delta": {"text": event}}) + "\n" if args.json else event)
+            elif args.json:
+                out.write(json.dumps({"delta": {"tool_calls": [asdict(event)]}}) + "\n")
             out.flush()
     final = stream.final
     if args.json:
         if final is not None:
-            _write_line(out, {"final": asdict(final)})
+            _write_line(out, {"final": _result_dict(final, schema=args.schema is not None)})
     else:
-        out.write("\n")
+        if stream.text or not stream.tool_calls:
+            out.write("\n")
         if final is not None:
+            _print_tool_calls(final.tool_calls)
             _summary(final)
     return EXIT_OK
+
+
+def _result_dict(result: ChatResult, *, schema: bool) -> dict[str, Any]:
+    out = result.to_dict()
+    if schema and result.text:
+        out["parsed"] = json.loads(result.text)  # the gateway checked it against the schema
+    return out
+
+
+def _pretty_json(text: str) -> str:
+    try:
+        return json.dumps(json.loads(text), indent=2, ensure_ascii=False)
+    except ValueError:
+        return text  # a tool call instead of JSON leaves no text: print what came
+
+
+def _print_tool_calls(calls: Sequence[ToolCall]) -> None:
+    for call in calls:
+        try:
+            arguments = json.dumps(call.args(), ensure_ascii=False)  # one line, however the model spaced it
+        except ValueError:
+            arguments = call.arguments
+        print(f"tool call {call.id}: {call.name} {arguments}")
+
+
+def _load_json(path: str, flag: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ClientConfigError(f"cannot read {flag} {path!r}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ClientConfigError(f"{flag} {path!r} is not JSON: {exc}") from None
+
+
+def _agent_options(args: argparse.Namespace, options: ChatOptions) -> None:
+    """--schema, --tool, --tool-choice, --image and --metadata; file problems exit 2 before any call."""
+    if args.schema is not None:
+        schema = _load_json(args.schema, "--schema")
+        if not isinstance(schema, dict):
+            raise ClientConfigError(f"--schema {args.schema!r} must hold a JSON Schema object")
+        options["response_format"] = schema
+    tools: list[dict[str, Any]] = []
+    for path in args.tool or ():
+        loaded = _load_json(path, "--tool")
+        for tool in loaded if isinstance(loaded, list) else [loaded]:
+            try:
+                tool_message(tool)
+            except (TypeError, ValueError, AttributeError) as exc:
+                raise ClientConfigError(f"--tool {path!r}: not a tool ({exc})") from None
+            tools.append(tool)
+    if tools:
+        options["tools"] = tools
+    if args.tool_choice:
+        options["tool_choice"] = args.tool_choice
+    images = []
+    for image in args.image or ():
+        try:
+            images.append(image_url(image))  # read now, so a bad file is one line and exit 2
+        except OSError as exc:
+            raise ClientConfigError(f"cannot read --image {image!r}: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise ClientConfigError(str(exc)) from None
+    if images:
+        options["images"] = images
+    tags = {}
+    for item in args.metadata or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ClientConfigError(f"--metadata {item!r}: use KEY=VALUE")
+        tags[key] = value
+    if tags:
+        options["metadata"] = tags
 
 
 def _chat_options(args: argparse.Namespace) -> ChatOptions:
@@ -151,6 +254,7 @@ def _chat_options(args: argparse.Namespace) -> ChatOptions:
         options["stop"] = args.stop
     if args.cold_start is not None:
         options["wait_for_cold_start"] = args.cold_start == "wait"
+    _agent_options(args, options)
     return options
 
 
@@ -238,7 +342,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.set_defaults(retries=3, retry_delay=0.25, retry_rate_limited=False)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{chat,health,providers}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{chat,models,health,providers}")
 
     chat = sub.add_parser(
         "chat", parents=[common], help="ask for an answer", epilog=CHAT_EXAMPLES, formatter_class=_RAW
@@ -256,6 +360,32 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument(
         "--cold-start", choices=("wait", "fallback"), help="wait for a cold provider, or use the next one at once"
     )
+    agent = chat.add_argument_group("tools, structured output, images")
+    agent.add_argument(
+        "--schema", metavar="FILE", help="JSON Schema file: the answer is JSON that fits it (printed as JSON)"
+    )
+    agent.add_argument(
+        "--tool",
+        action="append",
+        metavar="FILE",
+        help='JSON file of a tool or a list of tools ({"name", "description", "parameters"}; repeatable)',
+    )
+    agent.add_argument("--tool-choice", metavar="MODE", help="auto, none, required, or the name of the tool to call")
+    agent.add_argument(
+        "--image", action="append", metavar="PATH|URL", help="image file (sent inline) or https: URL (repeatable)"
+    )
+    agent.add_argument(
+        "--metadata", action="append", metavar="KEY=VALUE", help="tag kept with the call's usage record (repeatable)"
+    )
+
+    models = sub.add_parser(
+        "models",
+        parents=[common],
+        help="print the model catalogue (the default first)",
+        epilog=MODELS_EXAMPLES,
+        formatter_class=_RAW,
+    )
+    models.add_argument("--json", action="store_true", help="print JSON")
 
     sub.add_parser(
         "health", parents=[common], help="print the service's health", epilog=HEALTH_EXAMPLES, formatter_class=_RAW

@@ -19,11 +19,12 @@ from inference.v1 import inference_pb2 as pb
 from inference.v1 import inference_pb2_grpc as pb_grpc
 
 from clients import convert
-from clients.base import ClientBase, StreamState
+from clients.agent import result_parser
+from clients.base import ClientBase, StreamEvent, StreamState
 from clients.connection import DEFAULT_TARGET
 from clients.errors import from_rpc_error
 from clients.options import DEFAULT_TIMEOUT_S, ChatOptions, MessageLike, RetryPolicy, build_request
-from clients.types import ChatResult, Health
+from clients.types import CatalogModel, ChatResult, Health
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -41,6 +42,10 @@ class ChatStream(StreamState):
     leaving the block cancels the call (the server then stops the upstream generation). The call
     starts on the first iteration and is made once: iterating again continues where the last
     loop stopped (nothing, once the stream has ended) and never resends it.
+
+    ``stream.events()`` yields tool-call fragments (:class:`~clients.ToolCallDelta`) too, in
+    arrival order, mixed with the text; ``stream.tool_calls`` assembles them, and after the end
+    ``stream.final.tool_calls`` holds the calls as the gateway assembled them.
     """
 
     def __init__(
@@ -50,15 +55,17 @@ class ChatStream(StreamState):
         deadline: float,
         metadata: tuple[tuple[str, str], ...],
         retry: RetryPolicy,
+        parse: convert.Parser = None,
     ) -> None:
-        super().__init__()
+        super().__init__(parse)
         self._stub = stub
         self._request = request
         self._deadline = deadline
         self._metadata = metadata
         self._retry = retry
         self._call: Any = None
-        self._iterator: AsyncGenerator[str, None] | None = None
+        self._iterator: AsyncGenerator[StreamEvent, None] | None = None
+        self._texts: AsyncGenerator[str, None] | None = None
 
     async def __aenter__(self) -> ChatStream:
         return self
@@ -70,18 +77,33 @@ class ChatStream(StreamState):
         """Cancels the call if it is still running."""
         if self._call is not None and not self._call.done():
             self._call.cancel()
-        if self._iterator is not None:
-            try:
-                await self._iterator.aclose()
-            except RuntimeError:
-                pass  # another task is iterating it: the cancel above ends that loop
+        for iterator in (self._texts, self._iterator):
+            if iterator is not None:
+                try:
+                    await iterator.aclose()
+                except RuntimeError:
+                    pass  # another task is iterating it: the cancel above ends that loop
 
     def __aiter__(self) -> AsyncIterator[str]:
+        if self._texts is None:
+            self._texts = self._text_only()
+        return self._texts
+
+    def events(self) -> AsyncIterator[StreamEvent]:
+        """Text (``str``) and tool-call fragments (:class:`~clients.ToolCallDelta`) as they arrive.
+
+        The same call as text iteration: either continues where the other stopped.
+        """
         if self._iterator is None:
             self._iterator = self._iterate()
         return self._iterator
 
-    async def _iterate(self) -> AsyncGenerator[str, None]:
+    async def _text_only(self) -> AsyncGenerator[str, None]:
+        async for event in self.events():
+            if isinstance(event, str):
+                yield event
+
+    async def _iterate(self) -> AsyncGenerator[StreamEvent, None]:
         retry = 0
         while True:
             self._call = self._stub.ChatStream(
@@ -89,13 +111,12 @@ class ChatStream(StreamState):
             )
             try:
                 async for message in self._call:
-                    text = self._take(message)
-                    if text is not None:
-                        yield text
+                    for event in self._take(message):
+                        yield event
                 return
             except grpc.RpcError as exc:
                 err = from_rpc_error(exc)
-                delay = None if self.text_parts else self._retry.delay_s(err, retry, self._deadline)
+                delay = None if self._answered else self._retry.delay_s(err, retry, self._deadline)
                 if delay is None:
                     raise err from None
                 retry += 1
@@ -151,7 +172,7 @@ class AsyncInferenceClient(ClientBase):
                 response = await self._stub.Chat(
                     request, timeout=max(0.001, deadline - time.monotonic()), metadata=self.connection.metadata
                 )
-                return convert.chat_result(response)
+                return convert.chat_result(response, result_parser(options.get("response_format")))
             except grpc.RpcError as exc:
                 err = from_rpc_error(exc)
                 delay = policy.delay_s(err, retry, deadline)
@@ -168,7 +189,14 @@ class AsyncInferenceClient(ClientBase):
             **options: See :class:`~clients.options.ChatOptions`.
         """
         request = build_request(pb.ChatStreamRequest, prompt, options)
-        return ChatStream(self._stub, request, self._deadline(options), self.connection.metadata, self._retry(options))
+        return ChatStream(
+            self._stub,
+            request,
+            self._deadline(options),
+            self.connection.metadata,
+            self._retry(options),
+            result_parser(options.get("response_format")),
+        )
 
     async def health(self, timeout_s: float = 10.0) -> Health:
         """The service's health and every provider's state."""
@@ -177,6 +205,16 @@ class AsyncInferenceClient(ClientBase):
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         return convert.health(response)
+
+    async def list_models(self, timeout_s: float = 10.0) -> list[CatalogModel]:
+        """The model catalogue: every name ``model=`` may use (the default first) and where it goes."""
+        try:
+            response = await self._stub.ListModels(
+                pb.ListModelsRequest(), timeout=timeout_s, metadata=self.connection.metadata
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return convert.catalogue(response)
 
     async def provider_status(self, timeout_s: float = 10.0) -> pb.GetProviderStatusResponse:
         """Admin view (needs an admin key); returned as the proto message."""

@@ -18,14 +18,20 @@ from typing import Any, TypedDict, TypeVar
 
 from inference.v1 import inference_pb2 as pb
 
+from clients import agent
+from clients.agent import ImageLike, ResponseFormatLike, ToolLike
 from clients.errors import InferenceError, RateLimitedError, UnavailableError
 
 DEFAULT_TIMEOUT_S = 120.0
 
-MessageLike = tuple[str, str] | Mapping[str, str]
-"""A conversation turn: ``("user", "Hi")`` or ``{"role": "user", "content": "Hi"}``."""
+MessageLike = tuple[str, str] | Mapping[str, Any]
+"""A conversation turn: ``("user", "Hi")`` or a dict with ``role`` and ``content``, plus
+``images`` (user turns: paths or URLs), ``tool_calls`` (assistant turns: :class:`~clients.ToolCall`
+or dicts; ``ChatResult.as_message()`` writes one) or ``tool_call_id`` (``"tool"`` turns, the result
+of that call; ``ToolCall.result(...)`` writes one)."""
 
-_ROLES = {"system": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
+_ROLES = {"system": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT, "tool": pb.ROLE_TOOL}
+_MESSAGE_KEYS = frozenset({"role", "content", "images", "tool_calls", "tool_call_id"})
 
 RequestT = TypeVar("RequestT", pb.ChatRequest, pb.ChatStreamRequest)
 
@@ -94,6 +100,14 @@ class ChatOptions(TypedDict, total=False):
             by the next provider at once; unset follows the service's COLD_START_POLICY.
         timeout_s: The whole call's timeout, retries included; the client's default when unset.
         retry: This call's retry policy; the client's when unset.
+        tools: Functions the model may call: :class:`~clients.Tool` or dicts
+            (``{"name", "description", "parameters"}``; OpenAI's shape works too).
+        tool_choice: ``"auto"``, ``"none"``, ``"required"``, or the name of the function to call.
+        response_format: Structured output: a JSON Schema dict, a pydantic model class (then
+            ``result.parsed`` is an instance of it), or ``"json_object"``.
+        images: Images sent with the prompt: file paths (inlined as base64 data URLs),
+            ``https:`` URLs or ``data:`` URLs.
+        metadata: The caller's tags, kept with the call's usage record (never sent to a model).
     """
 
     messages: Sequence[MessageLike]
@@ -107,6 +121,11 @@ class ChatOptions(TypedDict, total=False):
     wait_for_cold_start: bool | None
     timeout_s: float | None
     retry: RetryPolicy | None
+    tools: Sequence[ToolLike] | None
+    tool_choice: str | None
+    response_format: ResponseFormatLike | None
+    images: Sequence[ImageLike] | None
+    metadata: Mapping[str, str] | None
 
 
 CHAT_OPTION_NAMES = frozenset(ChatOptions.__annotations__)
@@ -135,8 +154,9 @@ def build_request(message_type: type[RequestT], prompt: str | None, options: Cha
         The request message.
 
     Raises:
-        TypeError: An unknown option.
-        ValueError: A message with an unknown role.
+        TypeError: An unknown option, or a tool or response format of the wrong kind.
+        ValueError: A message with an unknown role or key, or an image that cannot be sent.
+        OSError: An image file cannot be read.
     """
     check_options(options)
     fields: dict[str, Any] = {"messages": _messages(prompt, options), "model": options.get("model") or ""}
@@ -150,6 +170,18 @@ def build_request(message_type: type[RequestT], prompt: str | None, options: Cha
     wait = options.get("wait_for_cold_start")
     if wait is not None:
         fields["cold_start_policy"] = pb.COLD_START_POLICY_WAIT if wait else pb.COLD_START_POLICY_FALLBACK
+    tools = options.get("tools")
+    if tools:
+        fields["tools"] = [agent.tool_message(t) for t in tools]
+    choice = options.get("tool_choice")
+    if choice:
+        fields["tool_choice"] = agent.tool_choice_message(choice)
+    fmt = options.get("response_format")
+    if fmt is not None:
+        fields["response_format"] = agent.response_format_message(fmt)
+    tags = options.get("metadata")
+    if tags:
+        fields["metadata"] = dict(tags)
     return message_type(**fields)
 
 
@@ -159,10 +191,26 @@ def _messages(prompt: str | None, options: ChatOptions) -> list[pb.Message]:
     if system:
         out.append(pb.Message(role=pb.ROLE_SYSTEM, content=system))
     for m in options.get("messages") or ():
-        role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
-        if role not in _ROLES:
-            raise ValueError(f"unknown role {role!r}; use one of {', '.join(_ROLES)}")
-        out.append(pb.Message(role=_ROLES[role], content=content))
-    if prompt is not None:
-        out.append(pb.Message(role=pb.ROLE_USER, content=prompt))
+        out.append(_message(m) if isinstance(m, Mapping) else _message({"role": m[0], "content": m[1]}))
+    images = options.get("images")
+    if prompt is not None or images:
+        out.append(_message({"role": "user", "content": prompt or "", "images": images or ()}))
     return out
+
+
+def _message(m: Mapping[str, Any]) -> pb.Message:
+    unknown = sorted(set(m) - _MESSAGE_KEYS)
+    if unknown:
+        raise ValueError(f"unknown message key(s) {', '.join(unknown)}; known: {', '.join(sorted(_MESSAGE_KEYS))}")
+    role = m.get("role")
+    if role not in _ROLES:
+        raise ValueError(f"unknown role {role!r}; use one of {', '.join(_ROLES)}")
+    content = m.get("content") or ""
+    message = pb.Message(role=_ROLES[role], tool_call_id=m.get("tool_call_id") or "")
+    images = m.get("images")
+    if images:
+        message.parts.extend(agent.image_parts(content, images))  # parts and content are exclusive
+    else:
+        message.content = content
+    message.tool_calls.extend(agent.tool_call_message(c) for c in m.get("tool_calls") or ())
+    return message

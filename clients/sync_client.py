@@ -12,10 +12,11 @@ from inference.v1 import inference_pb2 as pb
 from inference.v1 import inference_pb2_grpc as pb_grpc
 
 from clients import convert
-from clients.base import ClientBase, StreamState
+from clients.agent import result_parser
+from clients.base import ClientBase, StreamEvent, StreamState
 from clients.errors import from_rpc_error
 from clients.options import ChatOptions, RetryPolicy, build_request
-from clients.types import ChatResult, Health
+from clients.types import CatalogModel, ChatResult, Health
 
 
 class SyncChatStream(StreamState):
@@ -23,7 +24,8 @@ class SyncChatStream(StreamState):
 
     ``with client.chat_stream(...) as stream: for text in stream: ...``; leaving the block cancels
     the call. The call starts on the first iteration and is made once (retried like the async
-    one, only before any text); iterating again never resends it.
+    one, only before any text); iterating again never resends it. ``stream.events()`` yields
+    tool-call fragments too; ``stream.final.tool_calls`` holds the assembled calls.
     """
 
     def __init__(
@@ -33,15 +35,17 @@ class SyncChatStream(StreamState):
         deadline: float,
         metadata: tuple[tuple[str, str], ...],
         retry: RetryPolicy,
+        parse: convert.Parser = None,
     ) -> None:
-        super().__init__()
+        super().__init__(parse)
         self._stub = stub
         self._request = request
         self._deadline = deadline
         self._metadata = metadata
         self._retry = retry
         self._call: Any = None
-        self._iterator: Generator[str, None, None] | None = None
+        self._iterator: Generator[StreamEvent, None, None] | None = None
+        self._texts: Generator[str, None, None] | None = None
 
     def __enter__(self) -> SyncChatStream:
         return self
@@ -53,18 +57,33 @@ class SyncChatStream(StreamState):
         """Cancels the call if it is still running."""
         if self._call is not None:
             self._call.cancel()
-        if self._iterator is not None:
-            try:
-                self._iterator.close()
-            except ValueError:
-                pass  # closed from another thread while it runs: the cancel above ends it
+        for iterator in (self._texts, self._iterator):
+            if iterator is not None:
+                try:
+                    iterator.close()
+                except ValueError:
+                    pass  # closed from another thread while it runs: the cancel above ends it
 
     def __iter__(self) -> Iterator[str]:
+        if self._texts is None:
+            self._texts = self._text_only()
+        return self._texts
+
+    def events(self) -> Iterator[StreamEvent]:
+        """Text (``str``) and tool-call fragments (:class:`~clients.ToolCallDelta`) as they arrive.
+
+        The same call as text iteration: either continues where the other stopped.
+        """
         if self._iterator is None:
             self._iterator = self._iterate()
         return self._iterator
 
-    def _iterate(self) -> Generator[str, None, None]:
+    def _text_only(self) -> Generator[str, None, None]:
+        for event in self.events():
+            if isinstance(event, str):
+                yield event
+
+    def _iterate(self) -> Generator[StreamEvent, None, None]:
         retry = 0
         while True:
             self._call = self._stub.ChatStream(
@@ -72,13 +91,11 @@ class SyncChatStream(StreamState):
             )
             try:
                 for message in self._call:
-                    text = self._take(message)
-                    if text is not None:
-                        yield text
+                    yield from self._take(message)
                 return
             except grpc.RpcError as exc:
                 err = from_rpc_error(exc)
-                delay = None if self.text_parts else self._retry.delay_s(err, retry, self._deadline)
+                delay = None if self._answered else self._retry.delay_s(err, retry, self._deadline)
                 if delay is None:
                     raise err from None
                 retry += 1
@@ -132,7 +149,7 @@ class InferenceClient(ClientBase):
                 response = self._stub.Chat(
                     request, timeout=max(0.001, deadline - time.monotonic()), metadata=self.connection.metadata
                 )
-                return convert.chat_result(response)
+                return convert.chat_result(response, result_parser(options.get("response_format")))
             except grpc.RpcError as exc:
                 err = from_rpc_error(exc)
                 delay = policy.delay_s(err, retry, deadline)
@@ -150,7 +167,12 @@ class InferenceClient(ClientBase):
         """
         request = build_request(pb.ChatStreamRequest, prompt, options)
         return SyncChatStream(
-            self._stub, request, self._deadline(options), self.connection.metadata, self._retry(options)
+            self._stub,
+            request,
+            self._deadline(options),
+            self.connection.metadata,
+            self._retry(options),
+            result_parser(options.get("response_format")),
         )
 
     def health(self, timeout_s: float = 10.0) -> Health:
@@ -160,6 +182,16 @@ class InferenceClient(ClientBase):
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         return convert.health(response)
+
+    def list_models(self, timeout_s: float = 10.0) -> list[CatalogModel]:
+        """The model catalogue: every name ``model=`` may use (the default first) and where it goes."""
+        try:
+            response = self._stub.ListModels(
+                pb.ListModelsRequest(), timeout=timeout_s, metadata=self.connection.metadata
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return convert.catalogue(response)
 
     def provider_status(self, timeout_s: float = 10.0) -> pb.GetProviderStatusResponse:
         """Admin view (needs an admin key); returned as the proto message."""

@@ -67,6 +67,8 @@ class Scripted(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
         self.deltas: list[str] = ["who", "le"]
         self.delay_between_s = 0.0
         self.interrupt_after_text = False
+        self.tool_deltas: list[pb.ToolCallDelta] = []  # sent as one delta before the text deltas
+        self.fail_after_deltas: Failure | None = None  # ends the stream with this instead of a final
         self.received: list[Received] = []
         self.cancelled = threading.Event()
         self.first_delta_sent = threading.Event()
@@ -98,6 +100,8 @@ class Scripted(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
     async def ChatStream(self, request: pb.ChatStreamRequest, context: Any) -> AsyncIterator[pb.ChatStreamResponse]:
         await self._begin("ChatStream", request, context)
         try:
+            if self.tool_deltas:
+                yield pb.ChatStreamResponse(delta=pb.ChatStreamDelta(tool_calls=self.tool_deltas))
             for i, text in enumerate(self.deltas):
                 if i and self.delay_between_s:
                     await asyncio.sleep(self.delay_between_s)
@@ -108,6 +112,8 @@ class Scripted(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
                         "UNAVAILABLE", "reset", reason="STREAM_INTERRUPTED", metadata={"deltas_sent": "1"}
                     )
                     await context.abort_with_status(failure.status())
+            if self.fail_after_deltas is not None:
+                await context.abort_with_status(self.fail_after_deltas.status())
             yield pb.ChatStreamResponse(
                 final=pb.ChatStreamFinal(
                     id="s1",
