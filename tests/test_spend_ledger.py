@@ -94,6 +94,8 @@ async def test_usage_grouped_by_each_dimension(ledger: SqlLedger) -> None:
     (total,) = await ledger.usage()  # default: this month (November 2026), one row
     assert (total.requests, total.failed_requests, total.prompt_tokens, total.completion_tokens) == (4, 1, 600, 60)
     assert total.cost_usd == pytest.approx(0.0997)
+    (since_october,) = await ledger.usage(NOW - 40 * DAY)  # an unset end is the end of this month
+    assert since_october == total
 
     by_tenant = await ledger.usage(group_by=["tenant"])
     assert [(r.tenant, r.requests, round(r.cost_usd, 6)) for r in by_tenant] == [

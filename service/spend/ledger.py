@@ -387,7 +387,7 @@ class SqlLedger:
 
         Args:
             start: Inclusive; default the start of the current month (UTC).
-            end: Exclusive; default the start of the next month.
+            end: Exclusive; default the end of the current month (UTC), as GetUsage's unset end.
             group_by: Dimensions in order; none gives one row for everything.
             tenant: Only this tenant (None or empty: all; idle records have no tenant).
 
@@ -397,7 +397,7 @@ class SqlLedger:
         """
         now = self._clock()
         start = utc(start) if start is not None else month_start(now)
-        end = utc(end) if end is not None else next_month_start(start)
+        end = utc(end) if end is not None else next_month_start(now)
         if end <= start:
             raise ValueError(f"end ({end.isoformat()}) must be after start ({start.isoformat()})")
         return await self._read(lambda: self.engine.usage(start, end, group_by, tenant or None))
