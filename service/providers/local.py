@@ -16,7 +16,7 @@ template analysis turns into parsed ``tool_calls`` (streamed as ``delta.tool_cal
 ``tool_choice: required`` still lets the model write text first, and SmolLM2 writes text until
 ``max_tokens``; so a request that must call a tool (``required`` or a named function) is sent as
 structured output whose schema is the call itself (``{"name": ..., "arguments": <parameters>}``),
-and the answer is turned back into one tool call: buffered, so it arrives whole at the end.
+and the answer is streamed back as one tool call (:class:`ForcedCallReader`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import gc
 import importlib.util
 import logging
 import os
+import re
 import socket
 import uuid
 from collections.abc import AsyncGenerator
@@ -53,7 +54,8 @@ LOCAL_MODEL_ALIAS = "SmolLM2-135M-Instruct"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # SmolLM2's ChatML with its default system prompt, plus tools in the system turn, assistant calls as
-# <tool_call> blocks and tool results as <tool_response> blocks in a user turn (Qwen2.5's layout).
+# <tool_call> blocks and tool results as <tool_response> blocks in a user turn (Qwen2.5's layout,
+# with a shorter preamble: a slot holds 2,048 tokens by default and every one costs time on a CPU).
 CHAT_TEMPLATE = """\
 {%- if messages[0].role == 'system' %}
   {%- set system = messages[0].content %}{%- set rest = messages[1:] %}
@@ -63,11 +65,9 @@ CHAT_TEMPLATE = """\
 {%- endif %}
 {{- '<|im_start|>system\\n' + system }}
 {%- if tools %}
-  {{- '\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n' }}
-  {{- 'You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}
-  {%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}
-  {{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments ' }}
-  {{- 'within <tool_call></tool_call> XML tags:\\n<tool_call>\\n' }}
+  {{- '\\n\\nYou may call these functions:\\n<tools>' }}
+  {%- for tool in tools %}{{- '\\n' + ((tool.function if tool.function is defined else tool) | tojson) }}{%- endfor %}
+  {{- '\\n</tools>\\nTo call one, answer:\\n<tool_call>\\n' }}
   {{- '{"name": <function-name>, "arguments": <args-json-object>}\\n</tool_call>' }}
 {%- endif %}
 {{- '<|im_end|>\\n' }}
@@ -121,6 +121,50 @@ def forced_call_schema(request: ChatRequest) -> dict[str, Any] | None:
         if not choice.function or t.name == choice.function
     ]
     return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+# The start of a forced call, up to its arguments: {"name": "<name>", "arguments": <here>
+_CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(?=\S)')
+
+
+class ForcedCallReader:
+    """Turns the streamed text of ``{"name": ..., "arguments": {...}}`` into tool-call fragments as
+    it arrives: id and name once the name is complete, then the arguments, holding back from the
+    last ``}`` on (it may be the one that closes the call rather than the arguments)."""
+
+    def __init__(self, call_id: str) -> None:
+        self.call_id = call_id
+        self.text = ""
+        self._start = 0  # where the arguments begin; 0 until the name is known
+        self._sent = 0  # how much of the text has been passed on
+
+    def feed(self, piece: str) -> list[ToolCallDelta]:
+        """Adds text; returns the fragments it completes."""
+        self.text += piece
+        out: list[ToolCallDelta] = []
+        if not self._start:
+            head = _CALL_HEAD.match(self.text)
+            if head is None:
+                return out
+            self._start = self._sent = head.end()
+            out.append(ToolCallDelta(0, self.call_id, orjson.loads(f'"{head.group(1)}"')))
+        # Whitespace before that "}" waits too: after the arguments it is dropped at the end.
+        last = self.text.rfind("}")
+        stop = len(self.text[: last if last >= 0 else None].rstrip())
+        if stop > self._sent:
+            out.append(ToolCallDelta(0, arguments=self.text[self._sent : stop]))
+            self._sent = stop
+        return out
+
+    def finish(self) -> list[ToolCallDelta]:
+        """The fragments left once the text is whole; ValueError when it is not one call."""
+        call = orjson.loads(self.text)
+        if type(call) is not dict or type(call.get("name")) is not str or type(call.get("arguments")) is not dict:
+            raise ValueError("not {name, arguments}")
+        if not self._start:  # spaced in a way the head pattern missed: the call in one piece
+            return [ToolCallDelta(0, self.call_id, call["name"], orjson.dumps(call["arguments"]).decode())]
+        rest = self.text[self._sent : self.text.rfind("}")].rstrip()
+        return [ToolCallDelta(0, arguments=rest)] if rest else []
 
 
 def _free_loopback_port() -> int:
@@ -189,37 +233,37 @@ class LocalLlamaProvider(OpenAICompatProvider):
         return self._forced_call(request, schema)
 
     async def _forced_call(self, request: ChatRequest, schema: dict[str, Any]) -> AsyncGenerator[StreamItem, None]:
-        """Asks for the call as structured output, then yields it as one tool call."""
+        """Asks for the call as structured output and streams it back as tool-call fragments."""
         sent = dataclasses.replace(
             request,
             tool_choice=ToolChoice(mode="none"),  # the tools stay in the prompt; the grammar is the schema's
             response_format=ResponseFormat("json_schema", "tool_call", schema, strict=True),
         )
-        parts: list[str] = []
+        reader = ForcedCallReader(f"call_{uuid.uuid4().hex[:24]}")
         end: StreamEnd | None = None
         async with aclosing(super().stream(sent)) as items:
             async for item in items:
                 if isinstance(item, StreamEnd):
                     end = item
                 elif isinstance(item, str):
-                    parts.append(item)
+                    for fragment in reader.feed(item):
+                        yield fragment
         if end is None:  # the stream always ends with a StreamEnd or raises; this is a backstop
             raise ProviderProtocolError(self.name, f"{self.name} ended the stream without a finish reason")
-        text = "".join(parts)
         if end.finish_reason is FinishReason.LENGTH:
             raise ProviderError(
                 self.name,
                 f"{self.name} reached max_tokens={request.max_tokens} before its tool call was complete "
-                f"({len(text)} characters of it); allow more tokens",
+                f"({len(reader.text)} characters of it); allow more tokens",
             )
         try:
-            call = orjson.loads(text)
-            name, arguments = call["name"], orjson.dumps(call["arguments"]).decode()
-        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            rest = reader.finish()
+        except ValueError as exc:
             raise ProviderProtocolError(
-                self.name, f"{self.name} answered a tool call that is not one: {text[:80]!r}"
+                self.name, f"{self.name} answered a tool call that is not one: {reader.text[:80]!r}"
             ) from exc
-        yield ToolCallDelta(0, f"call_{uuid.uuid4().hex[:24]}", name, arguments)
+        for fragment in rest:
+            yield fragment
         yield dataclasses.replace(end, finish_reason=FinishReason.TOOL_CALLS)
 
     async def start(self) -> None:
