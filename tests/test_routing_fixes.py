@@ -235,3 +235,25 @@ async def test_a_model_name_goes_only_to_the_providers_that_serve_it() -> None:
 def test_retry_after_forms(header: str | None, expected: float | None) -> None:
     now = datetime.datetime(2026, 11, 29, 12, 0, 0, tzinfo=datetime.UTC).timestamp()
     assert retry_after_s(header, now=now) == expected
+
+
+async def test_queueing_for_a_pooled_connection_is_not_the_providers_first_token_time() -> None:
+    vast = FakeOpenAI(models=[MODAL_MODEL]).start()
+    # One connection only; the first call holds it for ~1.5 s, longer than the first-token budget.
+    vast.enqueue(Ok(tokens=["a ", "b ", "c ", "d ", "e ", "f"], delay_s_between_tokens=0.3))
+    vast.default = Ok(tokens=VAST_TOKENS)
+    provider = OpenAICompatProvider(
+        OpenAICompatConfig(name="vastai", base_url=vast.base_url, model=MODAL_MODEL, max_connections=1)
+    )
+    running = await start_gateway(chain_settings(None, vast, ttft_timeout_s=0.8), [provider])
+    try:
+        first = asyncio.create_task(call(running.stub, "ChatStream"))
+        await asyncio.to_thread(vast.wait_for_requests, 1, 5.0)
+        second = await call(running.stub, "Chat")
+        served(second, "vastai", VAST_TOKENS)
+        assert second.attempts == [("vastai", "")]  # waited for the pool, then was served: no timeout booked
+        assert (await first).code is grpc.StatusCode.OK
+        assert (await provider_health(running, "vastai")).state == pb.PROVIDER_STATE_HEALTHY
+    finally:
+        await stop_gateway(running)
+        vast.stop()

@@ -14,7 +14,8 @@ import email.utils
 import enum
 import math
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -75,6 +76,13 @@ def retry_after_s(value: str | None, now: float | None = None) -> float | None:
     if not math.isfinite(seconds) or seconds < 0 or seconds > RETRY_AFTER_ABSURD_S:
         return None
     return seconds
+
+
+# Set by the router around the wait for an attempt's first item. The HTTP layer calls it with True
+# when it must queue for a free pooled connection and with False once it has one: the first-token
+# timer stops while we queue for our own pool and starts again then, so that time is never booked
+# as the provider's slowness.
+connection_wait: ContextVar[Callable[[bool], None] | None] = ContextVar("connection_wait", default=None)
 
 
 @dataclass(frozen=True, slots=True)

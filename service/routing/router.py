@@ -40,7 +40,16 @@ from service.errors import (
     StreamInterruptedError,
 )
 from service.observe.telemetry import AttemptSpan, RouteTrace, RpcStats, current_rpc
-from service.providers.base import ChatRequest, ChatResult, Provider, StreamEnd, StreamItem, ToolCall, ToolCallDelta
+from service.providers.base import (
+    ChatRequest,
+    ChatResult,
+    Provider,
+    StreamEnd,
+    StreamItem,
+    ToolCall,
+    ToolCallDelta,
+    connection_wait,
+)
 from service.routing.assemble import Assembler, schema_violation
 from service.routing.catalogue import CatalogueEntry, default_catalogue, load_catalogue
 from service.routing.health import CircuitBreaker, HealthMonitor, HealthState, ProviderSlot
@@ -451,10 +460,25 @@ class Router:
         call.budget_s = self._attempt_budget(call.deadline, first_token=True)
         started = time.perf_counter()
         span = call.trace.attempt(slot.provider, request, n, step.wait_cold)
+        loop = asyncio.get_running_loop()
         try:
             with span.current():
-                async with asyncio.timeout(call.budget_s):
-                    value = await anext(gen)
+                async with asyncio.timeout(call.budget_s) as ttft:
+
+                    def queueing(waiting: bool) -> None:
+                        # While we queue for one of our own pooled connections only the caller's
+                        # deadline runs; the provider's first-token time starts once we have one.
+                        remaining = self._remaining(call.deadline)
+                        if waiting:
+                            ttft.reschedule(None if remaining is None else loop.time() + remaining)
+                        else:
+                            ttft.reschedule(loop.time() + self._attempt_budget(call.deadline, first_token=True))
+
+                    token = connection_wait.set(queueing)
+                    try:
+                        value = await anext(gen)
+                    finally:
+                        connection_wait.reset(token)
         except asyncio.CancelledError:
             await gen.aclose()
             slot.breaker.release_probe()

@@ -240,7 +240,11 @@ class FakeUpstream:
             self._relisten.cancel()
             self._relisten = None
         if self._server is None:
-            self._server = await asyncio.start_server(self._on_connection, self.host, self._port, reuse_address=True)
+            # A deep accept queue: asyncio's default backlog (100) overflows under a burst of thousands
+            # of connections, and the kernel's retried SYNs then outlast CONNECT_TIMEOUT_S.
+            self._server = await asyncio.start_server(
+                self._on_connection, self.host, self._port, reuse_address=True, backlog=4096
+            )
             self._port = self._server.sockets[0].getsockname()[1]
 
     async def _unlisten(self, drop_connections: bool) -> None:

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Mapping
 from importlib import metadata
 from urllib.parse import urlsplit
 
+from service.providers.base import connection_wait
 from service.providers.http.connection import (
     ConnectFailed,
     Connection,
@@ -303,6 +304,9 @@ class Pool:
         if not self._slots.locked():
             await self._slots.acquire()
             return
+        waiting = connection_wait.get()
+        if waiting is not None:
+            waiting(True)  # the caller's first-token timer stops while we queue for our own pool
         try:
             async with asyncio.timeout(self._pool_timeout_s):
                 await self._slots.acquire()
@@ -310,6 +314,9 @@ class Pool:
             raise PoolTimeout(
                 f"all {self.max_connections} connections to {self.origin} stayed busy for {self._pool_timeout_s:g} s"
             ) from None
+        finally:
+            if waiting is not None:
+                waiting(False)
 
     async def request(
         self, method: str, path: str, body: bytes | None = None, headers: Mapping[str, str] | None = None
