@@ -237,6 +237,18 @@ async def test_images_skip_a_provider_that_reads_text_only() -> None:
         await stop_gateway(running)
 
 
+async def test_images_with_no_provider_that_reads_them_say_so() -> None:
+    running = await start_gateway(make_settings(), [Scripted("local", ["no"], image_input=False)])
+    try:
+        message = pb.Message(role=pb.ROLE_USER, parts=[pb.ContentPart(image_url=pb.ImageUrl(url=PNG))])
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await running.stub.Chat(pb.ChatRequest(messages=[message]), timeout=10)
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "reads images" in (info.value.details() or "") and "messages" in bad_fields(info.value)
+    finally:
+        await stop_gateway(running)
+
+
 def bad_fields(exc: grpc.aio.AioRpcError) -> dict[str, str]:
     status = rpc_status.from_call(exc)
     assert status is not None

@@ -94,6 +94,21 @@ class Plan:
         return not self.steps and bool(self.skipped) and all(r == "model_not_served" for _, r in self.skipped)
 
     @property
+    def images_unreadable(self) -> bool:
+        """Nothing to try because the providers that could serve the call read no images."""
+        reasons = {r for _, r in self.skipped}
+        return (
+            not self.steps
+            and "no_image_input" in reasons
+            and reasons
+            <= {
+                "no_image_input",
+                "model_not_served",
+                "not_allowed",
+            }
+        )
+
+    @property
     def denied(self) -> bool:
         """Nothing to try, and the tenant's policy is why: the providers that could serve the
         call are ones its calls may not reach."""

@@ -26,6 +26,7 @@ from service.config import Settings
 from service.errors import (
     AllProvidersFailedError,
     DeadlineExceededError,
+    FieldViolation,
     GatewayError,
     InvalidRequestError,
     ModelNotFoundError,
@@ -310,6 +311,14 @@ class Router:
         planned = self._plan(request, call.entry, call.policy, call.trace, call.allowed)
         if planned.model_unserved:
             raise self._model_not_found(request)
+        if planned.images_unreadable:
+            readers = [s.name for s in self.slots if s.provider.image_input]
+            raise InvalidRequestError(
+                "the request has images, and no provider that could serve it reads images "
+                f"(providers that do: {readers or 'none configured'}); remove the image parts, or configure a "
+                "vision model (MODAL_WEB_URL, VASTAI_VLLM_URL or ANTHROPIC_API_KEY)",
+                [FieldViolation("messages", "image parts cannot be served by the configured providers")],
+            )
         if planned.denied:
             names = sorted(call.allowed or ())
             raise PermissionDeniedError(
