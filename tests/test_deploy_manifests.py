@@ -33,6 +33,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2
+from inference.v1 import inference_pb2_grpc as pb_grpc
 
 from service.config import ENV_DOCS, Settings
 from service.guard.auth import KeyRing
@@ -312,8 +313,6 @@ async def test_envoy_spreads_one_connection_over_replicas_and_drops_not_serving(
     replicas = [await start_gateway(make_settings(), [CannedProvider(f"replica-{n}")]) for n in "ab"]
     grpc_port = free_port()
     envoy_process(loopback_config([r.gateway.port for r in replicas], grpc_port, free_port()))
-    from inference.v1 import inference_pb2_grpc as pb_grpc
-
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}")
     try:
         stub = pb_grpc.InferenceServiceStub(channel)
