@@ -191,9 +191,17 @@ class ResourceExhaustedError(GatewayError):
 
     reason = "RESOURCE_EXHAUSTED"
 
-    def __init__(self, message: str, retry_after_s: float, *, reason: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        retry_after_s: float,
+        *,
+        reason: str | None = None,
+        quota: tuple[str, str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.quota = quota  # (subject, quota id, description) for a google.rpc.QuotaFailure
         if reason:
             self.reason = reason
 

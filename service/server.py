@@ -23,6 +23,7 @@ from service.observe.interceptors import TelemetryInterceptor
 from service.providers.base import Provider
 from service.providers.registry import build_chain, plan_chain
 from service.routing.router import Router
+from service.spend import Spend
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,9 @@ class Gateway:
                 log.info("provider %s: %s", name, why)
             providers = build_chain(settings)
         self.router = Router(providers, settings)
+        # The usage ledger, the cost model and the budgets (docs/cost.md); opened with the server.
+        self.spend = Spend.from_settings(settings)
+        self.router.spend = self.spend
         self.health = HealthServicer()
         self.scope = CatalogueScope(self.router)
         self.security = Security(settings, self.scope)
@@ -133,6 +137,7 @@ class Gateway:
         )
         self.router.monitor.on_change = self._publish_health
         self.router.on_change = self._publish_health
+        await self.spend.open()  # migrations; an unreachable database only degrades the ledger
         await self.router.start()
         pending = max(4096, 4 * self.settings.max_concurrent_requests)
         options = [
@@ -189,6 +194,7 @@ class Gateway:
         if self.server is not None:
             await self.server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
         await self.router.aclose()
+        await self.spend.close()  # idle GPU tails booked, every queued record written
 
     async def wait(self) -> None:
         """Blocks until the server stops."""

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import itertools
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 import grpc
 import pytest
@@ -13,10 +18,21 @@ from service.config import Settings
 from service.providers.base import Provider
 from service.server import Gateway
 
+# Every test gateway gets a ledger of its own: spend must never leak from one test (or run) into
+# another's budgets.
+_LEDGERS = Path(tempfile.mkdtemp(prefix="gateway-test-ledgers-"))
+atexit.register(shutil.rmtree, _LEDGERS, True)
+_ledger_count = itertools.count()
+
 
 def make_settings(**overrides: object) -> Settings:
-    """Test settings: loopback, port chosen by the OS, fast timeouts; ``overrides`` win."""
-    base = Settings(grpc_listen_address="127.0.0.1:0", shutdown_grace_s=1.0, health_check_interval_s=3600)
+    """Test settings: loopback, port chosen by the OS, fast timeouts, a fresh SQLite ledger; ``overrides`` win."""
+    base = Settings(
+        grpc_listen_address="127.0.0.1:0",
+        shutdown_grace_s=1.0,
+        health_check_interval_s=3600,
+        ledger_url=f"sqlite:///{_LEDGERS / f'ledger-{next(_ledger_count)}.sqlite3'}",
+    )
     return base.replace(**overrides)
 
 

@@ -98,6 +98,12 @@ def to_rpc_status(error: GatewayError) -> status_pb2.Status:
         metadata = {"provider": error.provider}
     if isinstance(error, ResourceExhaustedError):
         details.append(_retry_info(error.retry_after_s))
+        if error.quota is not None:
+            subject, quota_id, description = error.quota
+            violation = error_details_pb2.QuotaFailure.Violation(
+                subject=subject, quota_id=quota_id, description=description
+            )
+            details.append(_pack(error_details_pb2.QuotaFailure(violations=[violation])))
     details.insert(0, _pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)))
     # An upstream may echo a credential in its error text; callers never see one.
     return status_pb2.Status(code=getattr(code_pb2, code.name), message=redact(error.message), details=details)

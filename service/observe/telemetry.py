@@ -70,6 +70,10 @@ class RpcStats:
     relayed_chars: int = 0  # characters of answer relayed to the caller (a cancelled call's consumption)
     started: int = 0  # attempts whose request went to a provider (0: no upstream saw the call)
     answer_began: bool = False  # some attempt received the first part of an answer
+    cost_usd: float = 0.0  # estimated cost of every attempt (the ledger's record)
+    served_model: str = ""  # the provider's model id that answered
+    ttft_s: float | None = None  # time to the first token of the answer that was served
+    attempt_outcomes: tuple[tuple[str, str], ...] = ()  # (provider, "ok" or the error reason) per attempt
 
 
 current_rpc: ContextVar[RpcStats | None] = ContextVar("current_rpc", default=None)

@@ -13,6 +13,8 @@ Rules, per provider in chain order:
 * known not to serve the requested model -> skip ``model_not_served`` (never tried: asking would
   only fail, and a caller's model choice is not a provider failure);
 * the request has images and the provider reads text only -> skip ``no_image_input``;
+* its monthly budget is spent -> skip ``budget_exhausted`` (never a last resort: a GPU it cannot
+  afford is never woken; when that leaves nothing the call is RESOURCE_EXHAUSTED);
 * cold or warming (scale-to-zero) -> under policy ``wait``, or when nothing else could serve, a
   step that waits for the start; otherwise skip ``cold``/``warming`` and wake it. This wins over a
   half-open circuit: a cold Modal is never handed a real caller as its probe under ``fallback``;
@@ -50,6 +52,7 @@ class SlotView:
         takes_images: It accepts the request as far as images go (False: it cannot read the
             request's images).
         allowed: The caller's tenant policy lets its calls reach this provider.
+        budget_ok: The provider's monthly budget is not exhausted.
     """
 
     name: str
@@ -61,6 +64,7 @@ class SlotView:
     serves_model: bool | None = True
     takes_images: bool = True
     allowed: bool = True
+    budget_ok: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +98,22 @@ class Plan:
         return not self.steps and bool(self.skipped) and all(r == "model_not_served" for _, r in self.skipped)
 
     @property
+    def over_budget(self) -> bool:
+        """Nothing to try because the providers that could serve the call spent their budgets."""
+        reasons = {r for _, r in self.skipped}
+        return (
+            not self.steps
+            and "budget_exhausted" in reasons
+            and reasons
+            <= {
+                "budget_exhausted",
+                "model_not_served",
+                "not_allowed",
+                "no_image_input",
+            }
+        )
+
+    @property
     def images_unreadable(self) -> bool:
         """Nothing to try because the providers that could serve the call read no images."""
         reasons = {r for _, r in self.skipped}
@@ -124,7 +144,9 @@ def _cold(view: SlotView) -> bool:
 
 def plan(views: list[SlotView], policy: str) -> Plan:
     """Plans one call over ``views`` (chain order) under cold-start ``policy`` (``fallback``/``wait``)."""
-    candidates = [v for v in views if v.allowed and v.started and v.serves_model is not False and v.takes_images]
+    candidates = [
+        v for v in views if v.allowed and v.budget_ok and v.started and v.serves_model is not False and v.takes_images
+    ]
     steps: list[Step] = []
     skipped: list[tuple[str, str]] = []
     wake: list[int] = []
@@ -140,6 +162,8 @@ def plan(views: list[SlotView], policy: str) -> Plan:
             reason = "model_not_served"
         elif not view.takes_images:
             reason = "no_image_input"
+        elif not view.budget_ok:
+            reason = "budget_exhausted"
         elif _cold(view):
             if policy == "wait" or len(candidates) == 1:
                 steps.append(Step(i, wait_cold=True))

@@ -13,11 +13,13 @@ would corrupt it silently.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import datetime
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -37,6 +39,7 @@ from service.errors import (
     ProviderProtocolError,
     ProviderTimeoutError,
     ProviderUnavailableError,
+    ResourceExhaustedError,
     SchemaViolationError,
     StreamInterruptedError,
 )
@@ -49,12 +52,14 @@ from service.providers.base import (
     StreamItem,
     ToolCall,
     ToolCallDelta,
+    Usage,
     connection_wait,
 )
 from service.routing.assemble import Assembler, schema_violation
 from service.routing.catalogue import CatalogueEntry, default_catalogue, load_catalogue
 from service.routing.health import CircuitBreaker, HealthMonitor, HealthState, ProviderSlot
 from service.routing.planner import Plan, SlotView, Step, plan, serves
+from service.spend import Charge, Spend
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +127,8 @@ class Router:
         # follows what calls see, not only the periodic probe.
         self.on_change: Callable[[], Coroutine[Any, Any, None]] | None = None
         self._serving_published: bool | None = None
+        # The spend ledger, cost model and budgets (set by the server; None: nothing is costed).
+        self.spend: Spend | None = None
         self._restarts: list[asyncio.Task[None]] = []
         for slot in self.slots:
             slot.breaker.on_transition = self._circuit_logger(slot)
@@ -242,6 +249,7 @@ class Router:
                 serves_model=self._serves(s, request, entry),
                 takes_images=s.provider.image_input or not images,
                 allowed=allowed is None or s.name in allowed,
+                budget_ok=self.spend is None or not self.spend.budgets.provider_exhausted(s.name),
             )
             for s in self.slots
         ]
@@ -259,6 +267,35 @@ class Router:
         """Starts one wake-up for a cold provider, shared by every caller that finds it cold."""
         if self.monitor.wake(slot, self.settings.cold_start_timeout_s, self.settings.wake_poll_interval_s):
             trace.event("wake_up", provider=slot.name)
+            meter = None if self.spend is None else self.spend.costs.meters.get(slot.name)
+            if meter is not None:
+                meter.wake()  # a container boots and bills from now (docs/cost.md)
+
+    def _over_budget(self, planned: Plan) -> ResourceExhaustedError:
+        assert self.spend is not None
+        spent = [self.spend.budgets.provider_status(n) for n, r in planned.skipped if r == "budget_exhausted"]
+        first = min(spent, key=lambda s: s.resets_at)
+        wait_s = max(0.0, (first.resets_at - datetime.datetime.now(datetime.UTC)).total_seconds())
+        names = ", ".join(s.name for s in spent)
+        return ResourceExhaustedError(
+            f"the monthly budget of every provider that could serve this call is spent ({names}); "
+            f"budgets reset at {first.resets_at:%Y-%m-%d %H:%M} UTC, or an operator may raise them "
+            "(<PROVIDER>_MONTHLY_BUDGET_USD)",
+            wait_s,
+            reason="BUDGET_EXHAUSTED",
+            quota=(first.subject, "monthly_budget_usd", first.description),
+        )
+
+    def _charge_done(self, call: _Call, model: str = "", usage: Usage | None = None, relayed_chars: int = 0) -> None:
+        """Ends the open attempt's charge: its GPU time, and its tokens when known."""
+        charge, call.charge = call.charge, None
+        if charge is None:
+            return
+        if usage is not None:
+            cost = charge.finish(model, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
+        else:  # cut short: what was relayed was generated (about 4 characters a token)
+            cost = charge.finish(model, completion_tokens=relayed_chars // 4)
+        call.cost_usd += cost
 
     # ---- attempts -------------------------------------------------------------------------
 
@@ -311,6 +348,8 @@ class Router:
         planned = self._plan(request, call.entry, call.policy, call.trace, call.allowed)
         if planned.model_unserved:
             raise self._model_not_found(request)
+        if planned.over_budget:
+            raise self._over_budget(planned)
         if planned.images_unreadable:
             readers = [s.name for s in self.slots if s.provider.image_input]
             raise InvalidRequestError(
@@ -470,6 +509,8 @@ class Router:
         started = time.perf_counter()
         span = call.trace.attempt(slot.provider, request, n, step.wait_cold)
         loop = asyncio.get_running_loop()
+        if self.spend is not None:
+            call.charge = self.spend.costs.start(slot.name)
         try:
             with span.current():
                 async with asyncio.timeout(call.budget_s) as ttft:
@@ -490,11 +531,13 @@ class Router:
                         connection_wait.reset(token)
         except asyncio.CancelledError:
             await gen.aclose()
+            self._charge_done(call, request.model or slot.provider.default_model)
             slot.breaker.release_probe()
             span.end()
             raise
         except Exception as exc:
             await gen.aclose()
+            self._charge_done(call, request.model or slot.provider.default_model)
             self._add_upstream(call, started)
             try:
                 self._record(call, slot, exc, started)
@@ -503,6 +546,7 @@ class Router:
                 span.end()
             return None
         self._add_upstream(call, started)
+        call.ttft_s = time.perf_counter() - call.t0
         return span, value, started
 
     @staticmethod
@@ -514,6 +558,21 @@ class Router:
     def _add_wait(call: _Call, since: float) -> None:
         if call.stats is not None:
             call.stats.wait_s += time.perf_counter() - since
+
+    @contextlib.contextmanager
+    def _accounted(self, call: _Call) -> Iterator[None]:
+        """On the way out, whatever happened: the open charge ends, and the RPC's stats get the
+        call's cost and every attempt's outcome (the servicer writes them to the ledger)."""
+        try:
+            yield
+        finally:
+            self._charge_done(call)
+            if call.stats is not None:
+                call.stats.cost_usd = call.cost_usd
+                call.stats.ttft_s = call.ttft_s
+                call.stats.attempt_outcomes = tuple(
+                    (a.provider, "ok" if a.error is None else a.error.reason) for a in call.attempts
+                )
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -554,7 +613,7 @@ class Router:
         call = self._call(request, deadline, policy, "Chat", providers)
         idle_s = self.settings.stream_idle_timeout_s
         loop = asyncio.get_running_loop()
-        with call.trace.scope():
+        with call.trace.scope(), self._accounted(call):
             async for slot, step, n in self._walk(call, request):
                 sent_request = self._for(slot, request, call.entry)
                 gen = slot.provider.stream(sent_request)
@@ -575,10 +634,12 @@ class Router:
                             idle.reschedule(loop.time() + idle_s)
                             item = await anext(events)
                 except asyncio.CancelledError:
+                    self._charge_done(call, sent_request.model or slot.provider.default_model)
                     slot.breaker.release_probe()
                     span.end()
                     raise
                 except Exception as exc:
+                    self._charge_done(call, sent_request.model or slot.provider.default_model)
                     self._add_upstream(call, waited)
                     err = self._translate(call, slot, exc, mid_answer=True)
                     try:
@@ -588,6 +649,7 @@ class Router:
                         span.end()
                     continue
                 self._add_upstream(call, waited)
+                self._charge_done(call, item.model, item.usage)
                 violation = self._schema_error(slot, request, answer)
                 if violation is not None:
                     try:
@@ -622,7 +684,7 @@ class Router:
         """
         call = self._call(request, deadline, policy, "ChatStream", providers)
         upstream_s = 0.0  # time awaiting the provider mid-stream; the rest of the call is the gateway's
-        with call.trace.scope():
+        with call.trace.scope(), self._accounted(call):
             serving: tuple[ProviderSlot, AsyncGenerator[StreamItem, None], StreamItem] | None = None
             async for slot, step, n in self._walk(call, request):
                 sent_request = self._for(slot, request, call.entry)
@@ -647,6 +709,7 @@ class Router:
                 async with aclosing(gen) as events, asyncio.timeout(None) as idle:
                     while True:
                         if isinstance(item, StreamEnd):
+                            self._charge_done(call, item.model, item.usage)
                             violation = self._schema_error(slot, request, answer)
                             if violation is not None:
                                 raise violation
@@ -671,6 +734,7 @@ class Router:
                         idle.reschedule(None)
             except (asyncio.CancelledError, GeneratorExit):
                 slot.breaker.release_probe()  # the caller went away: no verdict on the provider
+                self._charge_done(call, slot.provider.default_model, relayed_chars=len(answer.text))
                 raise
             except SchemaViolationError as exc:
                 # Text already reached the caller: the stream ends, saying the answer did not fit.
@@ -680,6 +744,7 @@ class Router:
                 call.trace.failed(exc)
                 raise
             except Exception as exc:
+                self._charge_done(call, slot.provider.default_model, relayed_chars=len(answer.text))
                 if isinstance(exc, DeadlineExceededError):
                     raise
                 cause = self._translate(call, slot, exc, mid_answer=True)
@@ -710,6 +775,10 @@ class _Call:
     stats: RpcStats | None = None
     entry: CatalogueEntry | None = None  # the catalogue name the request used, if any
     allowed: frozenset[str] | None = None  # providers the tenant's policy lets the call reach
+    charge: Charge | None = None  # the open attempt's cost meter
+    cost_usd: float = 0.0  # every finished attempt's cost
+    t0: float = field(default_factory=time.perf_counter)
+    ttft_s: float | None = None  # time from the call's start to its served answer's first item
 
     def served(self, provider: str, prompt_tokens: int, completion_tokens: int) -> None:
         """Fills the RPC's stats for the access log."""
