@@ -11,9 +11,11 @@ to Redis so that every replica sees the same counts):
 * ``cancel``: the call never ran (refused later, by the process-wide concurrency limit); give
   everything back.
 
-:class:`InProcessLimits` keeps the state in this process. Buckets refill continuously: ``rpm`` at
-``rpm / 60`` per second up to ``burst`` requests (so a minute's allowance never arrives in one
-burst), ``tpm`` at ``tpm / 60`` per second up to a minute's tokens (one call may need most of them).
+:class:`InProcessLimits` keeps the state in this process; :class:`service.shared.limits.RedisLimits`
+keeps it in Redis (``REDIS_URL``), shared by every worker and replica, with the same arithmetic.
+Buckets refill continuously: ``rpm`` at ``rpm / 60`` per second up to ``burst`` requests (so a
+minute's allowance never arrives in one burst), ``tpm`` at ``tpm / 60`` per second up to a
+minute's tokens (one call may need most of them).
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ class Grant:
     tokens: int
     request: bool
     slot: bool
+    # Set by a shared store (service.shared.limits): the grant's open-call lease and the tenant's
+    # tpm when granted; empty/zero for a grant of this process's own buckets.
+    ident: str = ""
+    tpm: int = 0
 
 
 @dataclass(frozen=True, slots=True)
