@@ -5,6 +5,12 @@ it. Scale-to-zero providers (Modal) are special in one way: *any* HTTP request, 
 included, starts a replica and resets its idle timer. So the monitor probes them only while real
 traffic has been seen within the scale-down window; otherwise periodic probes would keep a GPU
 running (and billing) forever.
+
+Several replicas (workers, hosts) share part of this state through :class:`SharedHealth` when
+``REDIS_URL`` is set (:mod:`service.shared.health`): a circuit one replica opens is open on all of
+them, a success anywhere means Modal is warm everywhere, and only the replica holding the wake-up
+lease talks to a cold provider while the others wait for its verdict. Reads stay synchronous and
+local (a background refresh applies what the others published), so routing never waits on Redis.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from opentelemetry import trace
 
@@ -51,6 +58,37 @@ class Warmth(enum.Enum):
     WARM = "warm"
 
 
+class SharedHealth(Protocol):
+    """What replicas tell each other about providers; every method is cheap and never raises
+    (publishing runs in the background; a Redis outage leaves each replica with its own view)."""
+
+    def circuit_opened(self, provider: str, cooldown_s: float) -> None:
+        """This replica opened the provider's circuit for ``cooldown_s``."""
+        ...
+
+    def circuit_closed(self, provider: str) -> None:
+        """A call or probe succeeded here: the circuit is closed for everyone."""
+        ...
+
+    def served(self, provider: str, window_s: float) -> None:
+        """The (scale-to-zero) provider answered here: warm for ``window_s``."""
+        ...
+
+    async def hold_wake(self, provider: str, lease_s: float) -> bool:
+        """Takes or renews the cluster's one wake-up lease; True when this replica holds it
+        (also when the lease cannot be checked: waking twice beats not waking)."""
+        ...
+
+    async def release_wake(self, provider: str, warm_for_s: float = 0.0) -> None:
+        """Gives the wake-up lease back (the wake-up ended); with ``warm_for_s``, first publishes
+        that the provider is warm, so no replica can take the lease and wake it again."""
+        ...
+
+    async def warm_elsewhere(self, provider: str) -> bool:
+        """Another replica found the provider warm (read now, not from the refresh)."""
+        ...
+
+
 class CircuitBreaker:
     """Opens after ``threshold`` consecutive failures (or one auth failure); after ``cooldown_s``
     lets exactly one probe call through (half-open); that call's outcome closes or reopens it."""
@@ -70,6 +108,11 @@ class CircuitBreaker:
         self._probe_claimed_at = 0.0
         self.consecutive_failures = 0
         self.on_transition = on_transition
+        # Set when REDIS_URL is: transitions made here are published under ``name``.
+        self.shared: SharedHealth | None = None
+        self.name = ""
+        self._adopted = False  # open because another replica opened it
+        self._closed_at = -1e18  # when a success here last closed it
 
     @property
     def state(self) -> CircuitState:
@@ -105,8 +148,12 @@ class CircuitBreaker:
         self.consecutive_failures = 0
         self._opened_at = None
         self._probe_in_flight = False
+        adopted, self._adopted = self._adopted, False
+        self._closed_at = self._clock()
         if before is not CircuitState.CLOSED:
             self._notify(before, CircuitState.CLOSED, "success")
+            if self.shared is not None and not adopted:
+                self.shared.circuit_closed(self.name)
 
     def record_failure(self, *, force_open: bool = False, reason: str = "") -> None:
         """Counts a failure; opens on the threshold, on a failed probe, or when forced."""
@@ -115,8 +162,31 @@ class CircuitBreaker:
         self._probe_in_flight = False
         if force_open or before is not CircuitState.CLOSED or self.consecutive_failures >= self.threshold:
             self._opened_at = self._clock()
+            self._adopted = False
             if before is not CircuitState.OPEN:
                 self._notify(before, CircuitState.OPEN, reason)
+                if self.shared is not None:
+                    self.shared.circuit_opened(self.name, self.cooldown_s)
+
+    def adopt(self, remaining_s: float | None) -> None:
+        """Applies another replica's circuit: open for ``remaining_s`` more (None: it closed).
+
+        An adopted circuit half-opens when the opener's cooldown ends, like one opened here; it
+        closes at once when the other replica reports a success. Never published back.
+        """
+        if remaining_s is not None and remaining_s > 0:
+            # A read made before our own close was published must not reopen it here.
+            if self.state is CircuitState.CLOSED and self._clock() - self._closed_at > 2.0:
+                self._opened_at = self._clock() - max(0.0, self.cooldown_s - remaining_s)
+                self._adopted = True
+                self._notify(CircuitState.CLOSED, CircuitState.OPEN, "opened by another replica")
+        elif self._adopted and self._opened_at is not None:
+            before = self.state
+            self._opened_at = None
+            self._adopted = False
+            self._probe_in_flight = False
+            self.consecutive_failures = 0
+            self._notify(before, CircuitState.CLOSED, "closed by another replica")
 
     def release_probe(self) -> None:
         """Gives back a half-open probe that ended without a verdict (cancelled, caller error)."""
@@ -160,6 +230,12 @@ class ProviderSlot:
     consecutive_failures: int = 0  # failed probes in a row
     started: bool = True  # start() succeeded; False while a failed start is retried
     on_change: Callable[[], None] | None = None  # health verdict changed (grpc.health.v1 follows it)
+    shared: SharedHealth | None = None  # other replicas' view (REDIS_URL), None when alone
+    remote_warm_at: float | None = None  # monotonic time another replica last saw it answer
+
+    def adopt_remote_warmth(self, age_s: float | None) -> None:
+        """Another replica saw this provider answer ``age_s`` ago (None: not within the window)."""
+        self.remote_warm_at = None if age_s is None else time.monotonic() - age_s
 
     @property
     def name(self) -> str:
@@ -173,7 +249,7 @@ class ProviderSlot:
         if self.waker is not None and not self.waker.done():
             return Warmth.WARMING
         now = time.monotonic() if now is None else now
-        last = max(self.last_traffic_ok or -1e18, self.last_probe_ok or -1e18)
+        last = max(self.last_traffic_ok or -1e18, self.last_probe_ok or -1e18, self.remote_warm_at or -1e18)
         return Warmth.WARM if now - last < self.scaledown_window_s else Warmth.COLD
 
     def _set_state(self, state: HealthState) -> None:
@@ -212,6 +288,8 @@ class ProviderSlot:
         """A call was served."""
         self.counters.successes += 1
         self.last_traffic_ok = time.monotonic()
+        if self.shared is not None and self.provider.scale_to_zero:
+            self.shared.served(self.name, self.scaledown_window_s)
         self._succeeded()
         self.breaker.record_success()
 
@@ -292,21 +370,48 @@ class HealthMonitor:
             await self._wake_polls(slot, timeout_s, poll_interval_s)
 
     async def _wake_polls(self, slot: ProviderSlot, timeout_s: float, poll_interval_s: float) -> None:
+        shared = slot.shared
+        # Renewed every poll; outlives one probe (on Modal a probe blocks until a replica is up), and
+        # expires soon enough that a replica dying mid-wake-up leaves the job to another.
+        lease_s = 2 * max(poll_interval_s, self.timeout_s) + 5
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            # On Modal one probe blocks until a replica is up; a stand-in that refuses
-            # connections is polled instead. Either way only this task talks to it.
-            await self.check(slot, wake=True)
-            if slot.state is HealthState.HEALTHY:
-                slot.breaker.record_success()
-                log.info("provider %s is warm again", slot.name)
-                trace.get_current_span().add_event("provider_warm", {"provider": slot.name})
-                return
-            if slot.last_reachable:
-                log.warning("provider %s is up but unhealthy: %s", slot.name, slot.last_error)
-                return
-            await asyncio.sleep(poll_interval_s)
-        log.warning("provider %s did not wake within %.0f s", slot.name, timeout_s)
+        holding = False
+        warm_for_s = 0.0
+        try:
+            while time.monotonic() < deadline:
+                if shared is not None and not holding:
+                    # Checked before the lease: the holder publishes warmth, then frees the lease.
+                    if await shared.warm_elsewhere(slot.name):
+                        slot.adopt_remote_warmth(0.0)
+                        slot._succeeded()
+                        slot.breaker.record_success()
+                        log.info("provider %s is warm again (woken by another replica)", slot.name)
+                        trace.get_current_span().add_event("provider_warm", {"provider": slot.name, "by": "replica"})
+                        return
+                if shared is not None and not await shared.hold_wake(slot.name, lease_s):
+                    # Another replica is waking it: wait for its verdict without touching the provider.
+                    await asyncio.sleep(min(poll_interval_s, 0.5))
+                    continue
+                if not holding and shared is not None:
+                    log.info("provider %s: this replica holds the wake-up lease", slot.name)
+                holding = True
+                # On Modal one probe blocks until a replica is up; a stand-in that refuses
+                # connections is polled instead. Either way only this task talks to it.
+                await self.check(slot, wake=True)
+                if slot.state is HealthState.HEALTHY:
+                    slot.breaker.record_success()
+                    warm_for_s = slot.scaledown_window_s if slot.provider.scale_to_zero else 0.0
+                    log.info("provider %s is warm again", slot.name)
+                    trace.get_current_span().add_event("provider_warm", {"provider": slot.name})
+                    return
+                if slot.last_reachable:
+                    log.warning("provider %s is up but unhealthy: %s", slot.name, slot.last_error)
+                    return
+                await asyncio.sleep(poll_interval_s)
+            log.warning("provider %s did not wake within %.0f s", slot.name, timeout_s)
+        finally:
+            if holding and shared is not None:
+                await asyncio.shield(shared.release_wake(slot.name, warm_for_s))
 
     def should_probe(self, slot: ProviderSlot, now: float) -> bool:
         """Scale-to-zero providers are probed only while traffic keeps them warm anyway."""
