@@ -21,6 +21,10 @@ def main() -> int:
     from service.observe.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
+    from service.shared.workers import Supervisor, is_worker
+
+    if settings.workers > 1 and not is_worker():
+        return Supervisor(settings).run()
     from service.server import serve
 
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import math
+import os
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -56,6 +57,13 @@ def _listen_address(value: str) -> str:
     return value
 
 
+def _workers(value: Any) -> Any:
+    """``auto`` is the CPU count (what this process may run on); anything else must be a number."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return value
+
+
 def _metrics_address(value: str) -> str:
     """Empty (off unless METRICS_PORT or OTEL_METRICS_EXPORTER asks) or host:port; never a unix socket."""
     if not value:
@@ -71,6 +79,7 @@ Providers = Annotated[
 ]
 ListenAddress = Annotated[str, AfterValidator(_listen_address)]
 MetricsAddress = Annotated[str, AfterValidator(_metrics_address)]
+Workers = Annotated[int, Field(ge=1, le=256), BeforeValidator(_workers)]
 LogFormat = Annotated[Literal["text", "json"], BeforeValidator(_lower)]
 LogLevel = Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(_upper)]
 ModalValidateMode = Annotated[Literal["stats", "probe", "off"], BeforeValidator(_lower)]
@@ -184,6 +193,10 @@ class Settings(BaseSettings):
     tenants_file: str = ""
     config_reload_interval_s: NonNegativeSeconds = 2.0
     healthcheck_api_key: Secret = ""
+    # scale-out (README "Scale-out")
+    workers: Workers = 1
+    redis_url: Secret = ""  # may carry a password
+    redis_key_prefix: str = "gateway:"
 
     @classmethod
     def settings_customise_sources(
@@ -249,6 +262,10 @@ class Settings(BaseSettings):
             )
         if not self.ledger_url.startswith(("sqlite:///", "postgresql://", "postgres://")):
             problems.append("LEDGER_URL must be sqlite:///path or postgresql://user@host/db")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            problems.append("REDIS_URL must be redis://host:port/db, rediss://... (TLS) or unix:///path")
+        if self.workers > 1 and self.grpc_listen_address.startswith(("unix:", "unix-abstract:")):
+            problems.append("WORKERS > 1 shares a TCP port (SO_REUSEPORT); GRPC_LISTEN_ADDRESS must be host:port")
         if self.modal_gpu_price_per_hour is None and not self.prices_file:
             from modal_vllm.pricing import GPU_PRICE_USD_PER_HOUR
 
@@ -411,4 +428,16 @@ ENV_DOCS: list[tuple[str, str, str]] = [
         "0 = reload on SIGHUP only",
     ),
     ("HEALTHCHECK_API_KEY", "", "token python -m service.healthcheck sends when AUTH_EXEMPT_HEALTH=false"),
+    (
+        "WORKERS",
+        "1",
+        "gateway processes serving the one port (SO_REUSEPORT) under a supervisor; auto = the CPU count",
+    ),
+    (
+        "REDIS_URL",
+        "",
+        "redis://host:port/db: tenant limits, circuits, Modal warmth and wake-up shared by workers and replicas; "
+        "empty = in-process state",
+    ),
+    ("REDIS_KEY_PREFIX", "gateway:", "prefix of every key the gateway writes in Redis (several gateways, one Redis)"),
 ]

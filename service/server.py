@@ -1,5 +1,7 @@
 """Builds and runs the gRPC server: InferenceService, grpc.health.v1, reflection, graceful stop,
-and reloads of keys, tenant policy and TLS files (SIGHUP, or a changed file)."""
+and reloads of keys, tenant policy and TLS files (SIGHUP, or a changed file). With ``REDIS_URL``,
+tenant limits, circuits and Modal warmth are shared with the other workers and replicas
+(:mod:`service.shared`); with ``WORKERS`` > 1 this process is one of several on the same port."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from inference.v1 import inference_pb2, inference_pb2_grpc
 
 from service.api.servicer import InferenceServicer
 from service.config import Settings
+from service.guard.limits import LimitStore
 from service.guard.security import ReloadResult, Security
 from service.guard.watch import FileWatcher
 from service.observe import metrics
@@ -23,6 +26,9 @@ from service.observe.interceptors import TelemetryInterceptor
 from service.providers.base import Provider
 from service.providers.registry import build_chain, plan_chain
 from service.routing.router import Router
+from service.shared.client import SharedRedis
+from service.shared.health import RedisHealth
+from service.shared.limits import RedisLimits
 from service.spend import Spend
 
 log = logging.getLogger(__name__)
@@ -85,7 +91,15 @@ class Gateway:
         self.router.spend = self.spend
         self.health = HealthServicer()
         self.scope = CatalogueScope(self.router)
-        self.security = Security(settings, self.scope)
+        limits: LimitStore | None = None
+        self.redis: SharedRedis | None = None
+        self.shared_health: RedisHealth | None = None
+        if settings.redis_url:  # shared with the other workers and replicas (service.shared)
+            self.redis = SharedRedis(settings.redis_url, settings.redis_key_prefix)
+            limits = RedisLimits(self.redis)
+            self.shared_health = RedisHealth(self.redis)
+            self.shared_health.attach(self.router.slots)
+        self.security = Security(settings, self.scope, limits)
         self._interceptors = list(interceptors)
         self.server: grpc.aio.Server | None = None
         self.port = 0
@@ -139,6 +153,8 @@ class Gateway:
         self.router.on_change = self._publish_health
         await self.spend.open()  # migrations; an unreachable database only degrades the ledger
         await self.router.start()
+        if self.shared_health is not None:
+            self.shared_health.start()
         pending = max(4096, 4 * self.settings.max_concurrent_requests)
         options = [
             ("grpc.max_receive_message_length", self.settings.max_request_bytes),
@@ -153,6 +169,10 @@ class Gateway:
             # so core must let every call through to it.
             ("grpc.server.max_pending_requests", pending),
             ("grpc.server.max_pending_requests_hard_limit", 2 * pending),
+            # Several workers share the port only when asked (WORKERS > 1); otherwise a second
+            # gateway on a port already in use fails to start instead of silently taking half
+            # the connections (gRPC core's default is to allow it).
+            ("grpc.so_reuseport", 1 if self.settings.workers > 1 else 0),
         ]
         # Telemetry outermost: rejected calls (auth, admission) get spans and access-log lines too.
         interceptors = [
@@ -195,6 +215,10 @@ class Gateway:
             await self.server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
         await self.router.aclose()
         await self.spend.close()  # idle GPU tails booked, every queued record written
+        if self.shared_health is not None:
+            await self.shared_health.stop()
+        if self.redis is not None:
+            await self.redis.aclose()
 
     async def wait(self) -> None:
         """Blocks until the server stops."""

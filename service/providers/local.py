@@ -51,6 +51,9 @@ from service.providers.openai_compat import OpenAICompatConfig, OpenAICompatProv
 log = logging.getLogger(__name__)
 
 LOCAL_MODEL_ALIAS = "SmolLM2-135M-Instruct"
+# Set by the WORKERS supervisor (service.shared.workers): the URL of the llama.cpp server it runs
+# for all its workers, which then use it instead of loading the model once each.
+SHARED_SERVER_ENV = "GATEWAY_LOCAL_SERVER_URL"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # SmolLM2's ChatML with its default system prompt, plus tools in the system turn, assistant calls as
@@ -183,8 +186,9 @@ class LocalLlamaProvider(OpenAICompatProvider):
         context_tokens: int = 8192,
         threads: int = 0,
     ) -> None:
-        self._model_path = model_path or default_model_path()
-        if not os.path.isfile(self._model_path):
+        shared_url = os.environ.get(SHARED_SERVER_ENV, "")
+        self._model_path = model_path or ("" if shared_url else default_model_path())
+        if not shared_url and not os.path.isfile(self._model_path):
             raise FileNotFoundError(f"LOCAL_MODEL_PATH={self._model_path!r} is not a file")
         self._parallel = parallel_slots
         self._ctx = context_tokens
@@ -195,7 +199,7 @@ class LocalLlamaProvider(OpenAICompatProvider):
             OpenAICompatConfig(
                 name="local",
                 kind="llama.cpp",
-                base_url=f"http://127.0.0.1:{self._port}",
+                base_url=shared_url or f"http://127.0.0.1:{self._port}",
                 model=LOCAL_MODEL_ALIAS,
                 model_env_var="LOCAL_MODEL_PATH",
                 max_connections=max(parallel_slots * 4, 16),
@@ -268,7 +272,7 @@ class LocalLlamaProvider(OpenAICompatProvider):
 
     async def start(self) -> None:
         """Starts llama.cpp (about a second) off the event loop, then the HTTP pool."""
-        if self._server is None:
+        if self._server is None and not os.environ.get(SHARED_SERVER_ENV):
             self._server = await asyncio.to_thread(self._start_server)
             log.info("embedded llama.cpp serving %s at %s (%d slots)", LOCAL_MODEL_ALIAS, self.endpoint, self._parallel)
         await super().start()
