@@ -16,16 +16,18 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from inference.v1 import inference_pb2 as pb
 from inference.v1 import inference_pb2_grpc as pb_grpc
 
-from service.api.status import to_grpc_status
+from service.api.accounting import CallAccount, add_budget, ledger_health, usage
+from service.api.status import code_for, to_grpc_status
 from service.api.validation import to_domain
 from service.config import Settings
-from service.errors import GatewayError
+from service.errors import GatewayError, ProviderUnavailableError
 from service.guard.policy import allowed_providers
-from service.guard.redaction import redact
+from service.guard.redaction import redact, strip_userinfo
 from service.observe import metrics
-from service.providers.base import FinishReason, ToolCall, ToolCallDelta, Usage
+from service.providers.base import ChatRequest, FinishReason, ToolCall, ToolCallDelta, Usage
 from service.routing.health import CircuitState, HealthState, ProviderSlot, Warmth
 from service.routing.router import Attempt, RoutedEnd, Router
+from service.spend import LedgerUnavailableError, Spend
 
 _FINISH = {
     FinishReason.UNSPECIFIED: pb.FINISH_REASON_UNSPECIFIED,
@@ -92,12 +94,12 @@ def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-def provider_health(slot: ProviderSlot) -> pb.ProviderHealth:
-    """The proto view of one provider's state."""
+def provider_health(slot: ProviderSlot, spend: Spend | None = None) -> pb.ProviderHealth:
+    """The proto view of one provider's state (and its month's spend)."""
     msg = pb.ProviderHealth(
         name=slot.name,
         kind=slot.provider.kind,
-        endpoint=slot.provider.endpoint,
+        endpoint=strip_userinfo(slot.provider.endpoint),
         model=slot.provider.default_model,
         state=_STATE[slot.state],
         last_error=redact(slot.last_error),
@@ -111,6 +113,7 @@ def provider_health(slot: ProviderSlot) -> pb.ProviderHealth:
         msg.last_check_time.CopyFrom(ts)
     if slot.last_latency_s is not None:
         msg.last_latency.CopyFrom(_duration(slot.last_latency_s))
+    add_budget(msg, spend)
     return msg
 
 
@@ -124,12 +127,18 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
 
     async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.ChatResponse:
         """Unary chat."""
-        try:
-            domain, policy = to_domain(request, self.settings)
-            routed = await self.router.chat(domain, _deadline(context), policy, providers=allowed_providers())
-        except GatewayError as exc:
-            await context.abort_with_status(to_grpc_status(exc))
-            raise  # unreachable: abort raises
+        account = CallAccount(self.router, "Chat", ChatRequest((), model=request.model or None), context)
+        async with account:
+            try:
+                domain, policy = to_domain(request, self.settings)
+                account.request = domain
+                await account.reserve(request)
+                routed = await self.router.chat(domain, _deadline(context), policy, providers=allowed_providers())
+            except GatewayError as exc:
+                account.code = code_for(exc)
+                await context.abort_with_status(to_grpc_status(exc))
+                raise  # unreachable: abort raises
+            account.served_model = routed.result.model
         r = routed.result
         return pb.ChatResponse(
             id=r.id,
@@ -145,9 +154,20 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
         self, request: pb.ChatStreamRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.ChatStreamResponse]:
         """Streaming chat: deltas as they arrive, then one final message."""
+        account = CallAccount(self.router, "ChatStream", ChatRequest((), model=request.model or None), context)
+        async with account:
+            async for response in self._chat_stream(request, context, account):
+                yield response
+
+    async def _chat_stream(
+        self, request: pb.ChatStreamRequest, context: grpc.aio.ServicerContext[Any, Any], account: CallAccount
+    ) -> AsyncIterator[pb.ChatStreamResponse]:
         try:
             domain, policy = to_domain(request, self.settings)
+            account.request = domain
+            await account.reserve(request)
         except GatewayError as exc:
+            account.code = code_for(exc)
             await context.abort_with_status(to_grpc_status(exc))
             return
         metrics.stream_started()
@@ -164,6 +184,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
                     else:
                         assert isinstance(item, RoutedEnd)
                         end = item.end
+                        account.served_model = end.model
                         yield Response(
                             final=pb.ChatStreamFinal(
                                 id=end.id,
@@ -176,6 +197,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
                             )
                         )
         except GatewayError as exc:
+            account.code = code_for(exc)
             await context.abort_with_status(to_grpc_status(exc))
         finally:
             metrics.stream_ended()
@@ -183,7 +205,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.HealthResponse:
         """Overall status plus one entry per provider."""
         status = pb.SERVING_STATUS_SERVING if self.router.serving() else pb.SERVING_STATUS_NOT_SERVING
-        return pb.HealthResponse(status=status, providers=[provider_health(s) for s in self.router.slots])
+        spend = self.router.spend
+        providers = [provider_health(s, spend) for s in self.router.slots]
+        return pb.HealthResponse(status=status, providers=providers, ledger=ledger_health(spend))
 
     async def GetProviderStatus(
         self, request: pb.GetProviderStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -194,7 +218,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
         for slot in self.router.slots:
             c = slot.counters
             status = pb.ProviderStatus(
-                health=provider_health(slot),
+                health=provider_health(slot, self.router.spend),
                 counters=pb.ProviderCounters(
                     attempts=c.attempts,
                     successes=c.successes,
@@ -224,3 +248,18 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
                 for e in self.router.catalogue.ordered()
             ]
         )
+
+    async def GetUsage(
+        self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetUsageResponse:
+        """The ledger summed over a time range (default: this calendar month, UTC), grouped as asked."""
+        try:
+            return await usage(self.router.spend, request)
+        except GatewayError as exc:
+            await context.abort_with_status(to_grpc_status(exc))
+            raise  # unreachable: abort raises
+        except LedgerUnavailableError as exc:
+            await context.abort_with_status(
+                to_grpc_status(ProviderUnavailableError("ledger", f"the usage ledger cannot be read now: {exc}"))
+            )
+            raise

@@ -19,6 +19,7 @@ settled with what it consumed (:func:`service.guard.tokens.charge`), whatever wa
 
 from __future__ import annotations
 
+import contextvars
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -45,6 +46,10 @@ _SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_na
 CHAT = f"/{_SERVICE}/Chat"
 CHAT_STREAM = f"/{_SERVICE}/ChatStream"
 ADMIN_METHODS = frozenset({f"/{_SERVICE}/GetProviderStatus"})
+# Admin keys see every tenant's usage; a tenant key its own (the servicer reads current_principal).
+USAGE_METHOD = f"/{_SERVICE}/GetUsage"
+# Who is calling a method that answers differently per caller; None with authentication off.
+current_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("current_principal", default=None)
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.")
 
 
@@ -145,6 +150,20 @@ def _same_shape(handler: grpc.RpcMethodHandler, behaviour: Callable[..., Any]) -
     )
 
 
+def _as_principal(handler: grpc.RpcMethodHandler, method: str, who: Principal) -> grpc.RpcMethodHandler:
+    """A unary handler that runs with ``current_principal`` set to the caller, audited."""
+
+    async def served(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        audit("usage_call", "allowed", peer=context.peer(), tenant=who.name, method=method)
+        token = current_principal.set(who)
+        try:
+            return await handler.unary_unary(request, context)
+        finally:
+            current_principal.reset(token)
+
+    return _same_shape(handler, served)
+
+
 def _audited_admin(handler: grpc.RpcMethodHandler, method: str, who: str) -> grpc.RpcMethodHandler:
     """An admin handler (unary) that writes its audit line, then serves."""
     inner = handler.unary_unary
@@ -209,6 +228,8 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # 
             verdict = auth.check(details.invocation_metadata, policy)
             if not isinstance(verdict, Principal):
                 return _deny(handler, verdict, method, _auth_failure(policy, verdict))
+            if method == USAGE_METHOD:
+                return _as_principal(handler, method, verdict)
             return _audited_admin(handler, method, verdict.name) if method in ADMIN_METHODS else handler
         # Only registered methods get here (the handler is not None), so the cache stays small.
         self._cache[method] = (handler, served)

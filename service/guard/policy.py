@@ -85,8 +85,8 @@ class TenantPolicy:
 
     @property
     def open(self) -> bool:
-        """No limit and no restriction: the call needs no per-tenant work at all."""
-        return not self.limited and self.models is None and self.providers is None
+        """No limit, no restriction and no budget: the call needs no per-tenant work at all."""
+        return not self.limited and self.models is None and self.providers is None and self.monthly_budget_usd is None
 
 
 current_policy: ContextVar[TenantPolicy | None] = ContextVar("current_policy", default=None)

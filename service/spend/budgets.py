@@ -128,6 +128,12 @@ class Budgets:
         """Replaces the tenant budgets (a policy reload); open reservations are unaffected."""
         self._tenant_limits = dict(limits_usd)
 
+    def set_tenant_limit(self, tenant: str, limit_usd: float) -> None:
+        """One tenant's budget, as its current policy says (cheap when unchanged)."""
+        tenant = clean_text(tenant)
+        if self._tenant_limits.get(tenant) != limit_usd:
+            self._tenant_limits = {**self._tenant_limits, tenant: limit_usd}
+
     # -- providers ---------------------------------------------------------------------------
 
     def provider_exhausted(self, name: str) -> bool:

@@ -354,7 +354,7 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ProviderHealth(_message.Message):
-    __slots__ = ("name", "kind", "endpoint", "model", "state", "last_check_time", "last_latency", "last_error", "circuit_state", "warmth", "position")
+    __slots__ = ("name", "kind", "endpoint", "model", "state", "last_check_time", "last_latency", "last_error", "circuit_state", "warmth", "position", "month_spend_usd", "monthly_budget_usd", "budget_exhausted")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -366,6 +366,9 @@ class ProviderHealth(_message.Message):
     CIRCUIT_STATE_FIELD_NUMBER: _ClassVar[int]
     WARMTH_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
+    MONTH_SPEND_USD_FIELD_NUMBER: _ClassVar[int]
+    MONTHLY_BUDGET_USD_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_EXHAUSTED_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     endpoint: str
@@ -377,15 +380,34 @@ class ProviderHealth(_message.Message):
     circuit_state: CircuitState
     warmth: Warmth
     position: int
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., endpoint: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[_Union[ProviderState, str]] = ..., last_check_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., last_error: _Optional[str] = ..., circuit_state: _Optional[_Union[CircuitState, str]] = ..., warmth: _Optional[_Union[Warmth, str]] = ..., position: _Optional[int] = ...) -> None: ...
+    month_spend_usd: float
+    monthly_budget_usd: float
+    budget_exhausted: bool
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., endpoint: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[_Union[ProviderState, str]] = ..., last_check_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., last_error: _Optional[str] = ..., circuit_state: _Optional[_Union[CircuitState, str]] = ..., warmth: _Optional[_Union[Warmth, str]] = ..., position: _Optional[int] = ..., month_spend_usd: _Optional[float] = ..., monthly_budget_usd: _Optional[float] = ..., budget_exhausted: _Optional[bool] = ...) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("status", "providers")
+    __slots__ = ("status", "providers", "ledger")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     PROVIDERS_FIELD_NUMBER: _ClassVar[int]
+    LEDGER_FIELD_NUMBER: _ClassVar[int]
     status: ServingStatus
     providers: _containers.RepeatedCompositeFieldContainer[ProviderHealth]
-    def __init__(self, status: _Optional[_Union[ServingStatus, str]] = ..., providers: _Optional[_Iterable[_Union[ProviderHealth, _Mapping]]] = ...) -> None: ...
+    ledger: LedgerHealth
+    def __init__(self, status: _Optional[_Union[ServingStatus, str]] = ..., providers: _Optional[_Iterable[_Union[ProviderHealth, _Mapping]]] = ..., ledger: _Optional[_Union[LedgerHealth, _Mapping]] = ...) -> None: ...
+
+class LedgerHealth(_message.Message):
+    __slots__ = ("state", "engine", "queue_depth", "dropped", "last_error")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    engine: str
+    queue_depth: int
+    dropped: int
+    last_error: str
+    def __init__(self, state: _Optional[str] = ..., engine: _Optional[str] = ..., queue_depth: _Optional[int] = ..., dropped: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class GetProviderStatusRequest(_message.Message):
     __slots__ = ()
