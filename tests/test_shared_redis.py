@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -274,8 +275,10 @@ async def test_one_wake_up_for_callers_across_two_processes(redis_prefix: tuple[
         assert modal.chat_requests == []
         await asyncio.gather(*(_wait_warm(g.target) for g in gateways))
         # One replica held the lease and talked to Modal; the other waited for its verdict.
+        woke = sum(len(re.findall(r"provider modal is warm again$", g.output(), re.M)) for g in gateways)
+        followed = sum(g.output().count("warm again (woken by another replica)") for g in gateways)
         holders = sum(g.output().count("holds the wake-up lease") for g in gateways)
-        assert holders == 1, [g.output() for g in gateways]
+        assert (woke, followed, holders) == (1, 1, 1), [g.output() for g in gateways]
         probes = sorted((r for r in modal.requests if r.path == "/health"), key=lambda r: r.received_at)
         assert probes
         for earlier, later in itertools.pairwise(probes):
