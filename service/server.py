@@ -89,6 +89,7 @@ class Gateway:
         # The usage ledger, the cost model and the budgets (docs/cost.md); opened with the server.
         self.spend = Spend.from_settings(settings)
         self.router.spend = self.spend
+        metrics.watch_ledger(lambda: self.spend.ledger.state().dropped)
         self.health = HealthServicer()
         self.scope = CatalogueScope(self.router)
         limits: LimitStore | None = None

@@ -162,3 +162,23 @@ async def test_tenant_budgets_and_who_may_read_usage(tmp_path: Path) -> None:
     finally:
         await stop_gateway(running)
         anth.stop()
+
+
+async def test_cost_and_ledger_metrics() -> None:
+    from tests.otel_memory import delta, install_metrics, snapshot, unit
+
+    reader = install_metrics()
+    if reader is None:
+        pytest.skip("another test installed a MeterProvider first")
+    vast = FakeOpenAI(models=[MODAL_MODEL]).start()
+    running = await start_gateway(chain_settings(None, vast, vastai_price_per_hour=PRICE_PER_HOUR))
+    try:
+        before = snapshot(reader)
+        await running.stub.Chat(pb.ChatRequest(messages=MESSAGES))
+        after = snapshot(reader)
+        cost = delta(before, after, "gateway.cost", **{"gen_ai.provider.name": "vastai", "gateway.tenant": "anonymous"})
+        assert cost.value > 0 and unit(after, "gateway.cost") == "USD"
+        assert any(name == "gateway.ledger.dropped" for name, _ in after)
+    finally:
+        await stop_gateway(running)
+        vast.stop()

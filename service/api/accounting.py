@@ -34,6 +34,7 @@ from service.guard.interceptor import current_principal
 from service.guard.policy import current_policy
 from service.guard.security import current_tenant
 from service.guard.tokens import estimate_prompt_tokens
+from service.observe import metrics
 from service.observe.telemetry import RpcStats, current_rpc
 from service.providers.base import ChatRequest
 from service.routing.router import Router
@@ -136,6 +137,8 @@ class CallAccount:
             self.spend.budgets.settle(self._reservation, cost)
         span = trace.get_current_span().get_span_context()
         outcomes = stats.attempt_outcomes
+        provider = stats.provider or (outcomes[-1][0] if outcomes else "")
+        metrics.record_cost(provider, self.tenant, cost)
         self.spend.ledger.record(
             UsageRecord(
                 time=self._wall,
@@ -145,7 +148,7 @@ class CallAccount:
                 rpc=self.rpc,
                 model=self.request.model or "",
                 served_model=self.served_model,
-                provider=stats.provider or (outcomes[-1][0] if outcomes else ""),
+                provider=provider,
                 attempts=tuple(Attempt(p, o) for p, o in outcomes),
                 prompt_tokens=stats.prompt_tokens,
                 completion_tokens=stats.completion_tokens,

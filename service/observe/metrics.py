@@ -32,6 +32,27 @@ _tenants: frozenset[str] = frozenset()
 _circuit_sources: list[Callable[[], Iterable[tuple[str, str]]]] = []
 
 
+_ledger_dropped: Callable[[], int] | None = None
+
+
+def _observe_ledger_dropped(options: CallbackOptions) -> Iterable[Observation]:
+    source = _ledger_dropped
+    return [] if source is None else [Observation(source())]
+
+
+def watch_ledger(dropped: Callable[[], int]) -> None:
+    """Reports ``dropped()`` (records the ledger's bound dropped since start) as gateway.ledger.dropped."""
+    global _ledger_dropped
+    _ledger_dropped = dropped
+
+
+def record_cost(provider: str, tenant: str, usd: float) -> None:
+    """A call's estimated cost (gateway.cost, bounded tenant label)."""
+    if usd <= 0 or not enabled():
+        return
+    instruments().cost.add(usd, {"gen_ai.provider.name": provider, "gateway.tenant": tenant_label(tenant)})
+
+
 def _observe_circuits(options: CallbackOptions) -> Iterable[Observation]:
     for source in list(_circuit_sources):
         for provider, state in source():
@@ -99,6 +120,15 @@ class _Instruments:
             "gateway.config.reload_failures",
             unit="{failure}",
             description="Reloads of keys, tenant policy or TLS files refused (the previous version stays)",
+        )
+        self.cost = meter.create_counter(
+            "gateway.cost", unit="USD", description="Estimated cost of calls by provider and tenant (docs/cost.md)"
+        )
+        self.ledger_dropped = meter.create_observable_counter(
+            "gateway.ledger.dropped",
+            callbacks=[_observe_ledger_dropped],
+            unit="{record}",
+            description="Usage records dropped because the ledger's queue was full",
         )
 
 
