@@ -259,11 +259,6 @@ async def test_an_image_request_on_the_local_only_chain_is_refused(agent_gateway
 
 
 @e2e
-@pytest.mark.xfail(
-    strict=True,
-    reason="router: with every provider skipped (no_image_input) the call is DEADLINE_EXCEEDED "
-    "'the call's deadline left no time to ask any provider' instead of naming the images",
-)
 async def test_an_image_request_no_provider_can_read_says_so(agent_gateway: RunningGateway) -> None:
     out = await agent_call(agent_gateway.stub, "Chat", timeout=30, messages=[user("What is this?", PNG_DATA_URL)])
-    assert out.code is not grpc.StatusCode.DEADLINE_EXCEEDED and "image" in out.details, (out.code, out.details)
+    assert out.code is grpc.StatusCode.INVALID_ARGUMENT and "image" in out.details, (out.code, out.details)
