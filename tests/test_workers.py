@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from service.config import Settings
+from service.shared.workers import WORKER_ENV, Supervisor
 from tests.e2e_helpers import free_port, wait_serving_async
 from tests.routing_helpers import MODAL_MODEL
 from tests.test_shared_redis import GatewayProcess, gateway_env, unary
@@ -44,6 +45,15 @@ def test_workers_setting() -> None:
     assert Settings.from_env({}).workers == 1
     assert Settings.from_env({"WORKERS": "auto"}).workers == len(os.sched_getaffinity(0))
     assert Settings.from_env({"WORKERS": "3"}).workers == 3
+
+
+def test_each_worker_gets_its_metrics_port_and_instance_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
+    settings = Settings.from_env({"WORKERS": "3", "METRICS_ADDRESS": "127.0.0.1:9500"})
+    env = Supervisor(settings)._worker_env(2)
+    assert env[WORKER_ENV] == "2" and env["METRICS_ADDRESS"] == "127.0.0.1:9502"
+    instance = f"service.instance.id={socket.gethostname()}-w2"
+    assert env["OTEL_RESOURCE_ATTRIBUTES"] == f"deployment.environment=test,{instance}"
 
 
 async def test_a_killed_worker_is_replaced_and_the_port_keeps_answering(tmp_path: Path) -> None:
