@@ -242,3 +242,16 @@ class RSSSampler:
             self._stop.set()
             self._thread.join(timeout=2)
             self.peak = max(self.peak, rss_bytes(self.pid))
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, all cores (``/proc/stat``).
+
+    The difference of two readings shows how busy the machine was over a window, every process
+    counted (this benchmark's and other engineers').
+    """
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already inside user/nice
+    return (total - idle) / CLK_TCK, total / CLK_TCK

@@ -98,11 +98,20 @@ def _package(path: str) -> str:
     return parts[0] if parts else path
 
 
+def _py_spy_candidates() -> list[str | None]:
+    # py-spy is a tool, not a dependency of the service: bench/setup_pyspy.sh puts it in its own venv.
+    return [
+        shutil.which("py-spy"),
+        str(Path(sys.executable).parent / "py-spy"),
+        str(Path(__file__).resolve().parent / ".venv-pyspy" / "bin" / "py-spy"),
+    ]
+
+
 def record(pid: int, out_raw: Path, duration_s: float, rate_hz: int = 250, native: bool = False) -> str | None:
     """Runs ``py-spy record`` on ``pid``; returns an error string, or None when it worked."""
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not Path(py_spy).exists():
-        return "py-spy is not installed (pip install py-spy)"
+    py_spy = next((c for c in _py_spy_candidates() if c and Path(c).exists()), None)
+    if py_spy is None:
+        return "py-spy is not installed (bash bench/setup_pyspy.sh)"
     cmd = [
         py_spy,
         "record",

@@ -33,6 +33,7 @@ from bench.procs import (
     free_port,
     grpc_serving,
     http_ok,
+    machine_cpu,
     rss_bytes,
     wait_until,
 )
@@ -46,12 +47,14 @@ from bench.scenarios import (
     PACED_DELAY_MS,
     PACED_MODEL,
     QUICK,
+    WORKERS_SCENARIO,
+    WORKERS_SCENARIO_QUICK,
     Scenario,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024
-STAGES = ("direct", "gateway", "fallback", "litellm")
+STAGES = ("direct", "floor", "gateway", "workers", "fallback", "litellm")
 LITELLM_VENV = ROOT / "bench" / ".venv-litellm"
 # Variables of the caller's environment that would change what the gateway does.
 _GATEWAY_ENV_PREFIXES = (
@@ -133,8 +136,20 @@ class Bench:
         self.upstream_pid = proc.pid
         log(f"fake upstream on {self.upstream_url} (pid {proc.pid})")
 
-    def start_gateway(self, name: str, extra_env: dict[str, str] | None = None) -> tuple[Any, str]:
-        """``python -m service`` on the SUT core, pointed at the fake upstream."""
+    def start_floor(self, name: str = "floor", processes: int = 1, cpu: int | str | None = "sut") -> tuple[Any, str]:
+        """The floor (``bench.floor``: bare grpc.aio from memory), by default on the SUT core."""
+        port = free_port()
+        cmd = [sys.executable, "-m", "bench.floor", "--port", str(port), "--processes", str(processes)]
+        proc = self.group.start(name, cmd, env=_env(), cpu=self.sut_cpu if cpu == "sut" else cpu)  # type: ignore[arg-type]
+        target = f"127.0.0.1:{port}"
+        wait_until(lambda: grpc_serving(target), 30, proc, name)
+        log(f"{name} serving on {target} (pid {proc.pid})")
+        return proc, target
+
+    def start_gateway(
+        self, name: str, extra_env: dict[str, str] | None = None, cpu: int | str | None = "sut"
+    ) -> tuple[Any, str]:
+        """``python -m service`` on the SUT core (``cpu=None``: unpinned), pointed at the fake upstream."""
         port = free_port()
         env = {k: v for k, v in _env().items() if not k.startswith(_GATEWAY_ENV_PREFIXES)}
         env.update(
@@ -148,7 +163,8 @@ class Bench:
             }
         )
         env.update(extra_env or {})
-        proc = self.group.start(name, [sys.executable, "-m", "service"], env=env, cpu=self.sut_cpu)
+        pin = self.sut_cpu if cpu == "sut" else cpu
+        proc = self.group.start(name, [sys.executable, "-m", "service"], env=env, cpu=pin)  # type: ignore[arg-type]
         target = f"127.0.0.1:{port}"
         wait_until(lambda: grpc_serving(target), 60, proc, name)
         log(f"{name} serving on {target} (pid {proc.pid})")
@@ -184,9 +200,11 @@ class Bench:
 
         def start() -> None:
             marks["sut0"], marks["up0"], marks["t0"] = cpu_seconds(sut_pid), cpu_seconds(self.upstream_pid), time.time()
+            marks["m_busy0"], marks["m_all0"] = machine_cpu()
 
         def end() -> None:
             marks["sut1"], marks["up1"], marks["t1"] = cpu_seconds(sut_pid), cpu_seconds(self.upstream_pid), time.time()
+            marks["m_busy1"], marks["m_all1"] = machine_cpu()
 
         idle = rss_bytes(sut_pid)
         sampler = RSSSampler(sut_pid)
@@ -204,6 +222,9 @@ class Bench:
             else None,
         }
         summary["upstream_cpu_util_pct"] = 100.0 * (marks["up1"] - marks["up0"]) / window
+        # Every core's busy share over the window (this run's processes and anyone else's).
+        m_all = max(1e-9, marks["m_all1"] - marks["m_all0"])
+        summary["machine_cpu_busy_pct"] = 100.0 * (marks["m_busy1"] - marks["m_busy0"]) / m_all
         summary["client_cpu_util_pct"] = 100.0 * summary["client_cpu_s"] / (sc.warmup_s + sc.duration_s)
         lat = summary.get("latency_ms") or {}
         ttft = summary.get("ttft_ms") or {}
@@ -277,6 +298,54 @@ class Bench:
                 self.results["profiles"] = profile_gateway(self, target, proc.pid, native=self.args.profile_native)
         finally:
             self.group.stop(proc)
+
+    def floor(self) -> None:
+        """The floor's scenarios: the same loads against a bare grpc.aio server on the SUT core."""
+        proc, target = self.start_floor()
+        try:
+            self.run_target("floor", "grpc", target, proc.pid)
+        finally:
+            self.group.stop(proc)
+
+    def workers(self) -> None:
+        """``WORKERS=1`` vs ``WORKERS=2`` (and the floor with 1 and 2 processes), nothing pinned.
+
+        Scale-out uses both cores, so here nothing is pinned: the servers, the load generator and
+        the fake upstream share the machine as they would in production on a 2-core host, and the
+        machine's busy share over the window says whether cores were left for a second worker.
+        """
+        sc = WORKERS_SCENARIO_QUICK if self.quick else WORKERS_SCENARIO
+        out: dict[str, Any] = {"scenario": sc.title, "runs": {}}
+        self.results["workers"] = out
+        log(f"workers ({sc.title}, nothing pinned)")
+        runs = (
+            ("floor_1", lambda: self.start_floor("floor_1", 1, cpu=None)),
+            ("floor_2", lambda: self.start_floor("floor_2", 2, cpu=None)),
+            ("gateway_1", lambda: self.start_gateway("gateway_w1", {"WORKERS": "1"}, cpu=None)),
+            ("gateway_2", lambda: self.start_gateway("gateway_w2", {"WORKERS": "2"}, cpu=None)),
+        )
+        pinned = os.sched_getaffinity(0)
+        # The load workers are spawned from here and inherit this affinity: all cores for this stage.
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+        try:
+            self._workers_runs(sc, runs, out)
+        finally:
+            os.sched_setaffinity(0, pinned)
+
+    def _workers_runs(self, sc: Scenario, runs: Any, out: dict[str, Any]) -> None:
+        for key, start in runs:
+            proc = None
+            try:
+                proc, target = start()
+                summary = self.measure(sc, self.spec(sc, "grpc", target), proc.pid)
+                summary["spec"]["unpinned"] = True
+                out["runs"][key] = summary
+            except Exception as exc:
+                out["runs"][key] = {"error": f"{type(exc).__name__}: {exc}"}
+                log(f"  {key} failed: {exc}")
+            finally:
+                if proc is not None:
+                    self.group.stop(proc)
 
     def fallback(self) -> None:
         """c=1 unary through gateways whose first provider refuses connections (see FALLBACK_CONFIGS)."""
@@ -364,8 +433,12 @@ class Bench:
                 self.calibrate_http_client()
             if "direct" in only:
                 self.run_target("direct", "http", self.upstream_url, self.upstream_pid)
+            if "floor" in only:
+                self.floor()
             if "gateway" in only:
                 self.gateway()
+            if "workers" in only:
+                self.workers()
             if "fallback" in only and not self.quick:
                 self.fallback()
             if self.quick or self.args.skip_litellm or "litellm" not in only:

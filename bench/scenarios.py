@@ -189,3 +189,21 @@ FALLBACK_CONFIGS = [
         probe_timeout_s=4.0,
     ),
 ]
+
+# WORKERS=1 against WORKERS=2 (and the floor with 1 and 2 processes), nothing pinned: the kernel
+# spreads connections over the processes (SO_REUSEPORT hashes each new connection), so the load
+# opens many (2 load workers x 8 channels = 16 connections) to keep the split even.
+WORKERS_SCENARIO = Scenario(
+    "workers_unary", "c=128 unary, 16 tokens, 16 connections", "unary", 128, max_tokens=16, workers=2, channels=8
+)
+WORKERS_SCENARIO_QUICK = Scenario(
+    "workers_unary",
+    "c=16 unary, 16 tokens, 8 connections",
+    "unary",
+    16,
+    max_tokens=16,
+    workers=2,
+    channels=4,
+    warmup_s=0.2,
+    duration_s=0.6,
+)
