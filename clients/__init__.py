@@ -11,6 +11,9 @@ class; ``result.parsed``), ``images=`` (paths or URLs) and ``metadata=``; answer
 ``tool_calls`` (:class:`ToolCall`, ``.args()``), and a tool's result goes back as
 ``messages=[..., result.as_message(), call.result(output)]``. ``stream.events()`` yields
 tool-call fragments as they arrive; ``list_models()`` shows the model catalogue.
+
+Spend: ``usage(since=, until=, by=("tenant", "provider", "day"), tenant=)`` returns the ledger's
+:class:`UsageRow` list (requests, tokens, cost in USD) for an admin key, or a tenant key's own.
 """
 
 from importlib import metadata as _metadata
@@ -45,6 +48,7 @@ from clients.types import (
     ToolCall,
     ToolCallDelta,
     Usage,
+    UsageRow,
 )
 
 try:
@@ -87,6 +91,7 @@ __all__ = [
     "ToolLike",
     "UnavailableError",
     "Usage",
+    "UsageRow",
     "__version__",
     "image_url",
     "resolve_connection",

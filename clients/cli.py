@@ -1,4 +1,4 @@
-"""``python -m clients``: chat, the model catalogue, health and provider status from a shell.
+"""``python -m clients``: chat, the model catalogue, health, provider status and usage from a shell.
 
 Connection options (``--target``, ``--api-key``, ``--ca``, ``--server-name``, ``--timeout``) go
 anywhere on the line, before or after the subcommand, and default to ``INFERENCE_TARGET``,
@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 from google.protobuf import json_format
 
-from clients import __version__
+from clients import __version__, usage_cli
 from clients.agent import image_url, tool_message
 from clients.connection import API_KEY_ENV, CA_FILE_ENV, DEFAULT_TARGET, TARGET_ENV
 from clients.errors import ClientConfigError, InferenceError
@@ -59,6 +59,7 @@ TOP_EXAMPLES = f"""examples:
   python -m clients chat "Say hello" --stream
   python -m clients models
   python -m clients health --target 127.0.0.1:50051
+  python -m clients usage --by provider,day --since 2026-11-01 --plot usage.png
   python -m clients --version
 
 environment: {TARGET_ENV} (default {DEFAULT_TARGET}), {API_KEY_ENV}, {CA_FILE_ENV}
@@ -113,6 +114,8 @@ def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                 return EXIT_OK
             if args.command == "models":
                 return _models(client, as_json=args.json)
+            if args.command == "usage":
+                return usage_cli.run(client, args)
             return _chat(client, args)
         except InferenceError as exc:
             _print_error(exc, as_json=getattr(args, "json", False))
@@ -342,7 +345,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.set_defaults(retries=3, retry_delay=0.25, retry_rate_limited=False)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{chat,models,health,providers}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{chat,models,health,providers,usage}")
 
     chat = sub.add_parser(
         "chat", parents=[common], help="ask for an answer", epilog=CHAT_EXAMPLES, formatter_class=_RAW
@@ -397,4 +400,5 @@ def _parser() -> argparse.ArgumentParser:
         epilog=PROVIDERS_EXAMPLES,
         formatter_class=_RAW,
     )
+    usage_cli.add_parser(sub, common)
     return parser

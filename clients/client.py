@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, Unpack
 
 import grpc
@@ -19,12 +19,14 @@ from inference.v1 import inference_pb2 as pb
 from inference.v1 import inference_pb2_grpc as pb_grpc
 
 from clients import convert
+from clients import usage as usage_api
 from clients.agent import result_parser
 from clients.base import ClientBase, StreamEvent, StreamState
 from clients.connection import DEFAULT_TARGET
 from clients.errors import from_rpc_error
 from clients.options import DEFAULT_TIMEOUT_S, ChatOptions, MessageLike, RetryPolicy, build_request
-from clients.types import CatalogModel, ChatResult, Health
+from clients.types import CatalogModel, ChatResult, Health, UsageRow
+from clients.usage import DEFAULT_BY, UsageTime
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -225,3 +227,55 @@ class AsyncInferenceClient(ClientBase):
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         return response
+
+    async def usage(
+        self,
+        *,
+        since: UsageTime | None = None,
+        until: UsageTime | None = None,
+        by: str | Sequence[str] = DEFAULT_BY,
+        tenant: str | None = None,
+        timeout_s: float | None = None,
+    ) -> list[UsageRow]:
+        """Usage and estimated cost from the gateway's ledger, grouped as asked.
+
+        An admin key sees every tenant; a tenant key only its own (``tenant`` may name only it).
+        Retried like ``chat`` (``UNAVAILABLE``, by the client's retry policy) within ``timeout_s``.
+
+        Args:
+            since: Start (inclusive); the start of the current month (UTC) when None. A datetime
+                (naive is UTC), a date, or ``YYYY-MM-DD``, ``YYYY-MM`` or ISO 8601 text.
+            until: End; the end of the current month (UTC) when None. A day or month given
+                without a time is included whole; an exact time is exclusive.
+            by: Dimensions to group by, in order: ``tenant``, ``provider``, ``model``, ``day``
+                (a sequence, or one comma-separated string); ``()`` gives one row for everything.
+            tenant: Only this tenant.
+            timeout_s: The whole call's timeout; the client's default when None.
+
+        Returns:
+            One :class:`~clients.UsageRow` per group, ordered by the groups' values; the
+            dimensions not grouped by are None.
+
+        Raises:
+            ValueError: A bound that is not a date, an empty range, or an unknown dimension
+                (before any call).
+            InferenceError: A subclass naming what failed (``PermissionDeniedError`` for another
+                tenant's usage with a tenant key, or without an admin key).
+        """
+        dims = usage_api.dimensions(by)
+        request = usage_api.build_request(since, until, dims, tenant)
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        retry = 0
+        while True:
+            try:
+                response = await self._stub.GetUsage(
+                    request, timeout=max(0.001, deadline - time.monotonic()), metadata=self.connection.metadata
+                )
+                return usage_api.rows(response, dims)
+            except grpc.RpcError as exc:
+                err = from_rpc_error(exc)
+                delay = self.retry.delay_s(err, retry, deadline)
+                if delay is None:
+                    raise err from None
+                retry += 1
+                await asyncio.sleep(delay)

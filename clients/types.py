@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
+from datetime import date
 from typing import Any
 
 _UNPARSED: Any = object()
@@ -185,3 +186,40 @@ class Health:
 
     status: str
     providers: list[ProviderHealth]
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """The usage of one group, from the gateway's ledger (``client.usage(...)``).
+
+    A dimension the rows were not grouped by is None. An empty ``tenant`` is cost booked to no
+    tenant (a GPU provider's idle time until it scales down); an empty ``provider`` is calls
+    that never reached one (refused or invalid requests).
+
+    Attributes:
+        tenant: The tenant, when grouped by tenant.
+        provider: The provider, when grouped by provider.
+        model: The served model, when grouped by model.
+        day: The calendar day (UTC), when grouped by day.
+        requests: Calls recorded (idle time adds cost, not requests).
+        failed_requests: Calls that ended with a status other than OK.
+        prompt_tokens: Prompt tokens.
+        completion_tokens: Completion tokens.
+        cost_usd: Estimated cost in US dollars (docs/cost.md).
+    """
+
+    tenant: str | None = None
+    provider: str | None = None
+    model: str | None = None
+    day: date | None = None
+    requests: int = 0
+    failed_requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (what ``usage --json`` prints): the day as YYYY-MM-DD."""
+        out = asdict(self)
+        out["day"] = self.day.isoformat() if self.day is not None else None
+        return out

@@ -139,7 +139,7 @@ def test_missing_ca_file_is_one_line_exit_2(tmp_path: Path, capsys: pytest.Captu
     assert code == 2 and len(err.splitlines()) == 1 and "INFERENCE_CA_FILE" in err
 
 
-@pytest.mark.parametrize("command", ["chat", "models", "health", "providers"])
+@pytest.mark.parametrize("command", ["chat", "models", "health", "providers", "usage"])
 def test_every_subcommand_help_shows_an_example(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
