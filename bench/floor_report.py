@@ -164,7 +164,8 @@ def markdown_floor(results: dict[str, Any]) -> list[str]:
             lat = run.get("latency_ms") or {}
             out.append(
                 f"| {names.get(key, key)} | {_f(run['throughput_rps'], 0)} | {_f(lat.get('p50'), 3)} "
-                f"| {_f(lat.get('p99'), 3)} | {run['errors']} | {_f(run['sut'].get('cpu_util_pct'), 0)} "
+                f"| {_f(lat.get('p99'), 3)} | {run.get('errors', '-')} "
+                f"| {_f((run.get('sut') or {}).get('cpu_util_pct'), 0)} "
                 f"| {_f(per_core_rps(run), 0)} | {_f(run.get('client_cpu_util_pct'), 0)} "
                 f"| {_f(run.get('upstream_cpu_util_pct'), 0)} | {_f(run.get('machine_cpu_busy_pct'), 0)} |"
             )

@@ -13,16 +13,18 @@ from pathlib import Path
 
 import pytest
 
+from bench.floor_report import evaluate_floor
 from bench.loadgen import LoadSpec, run_load
-from bench.procs import ProcessGroup, free_port, grpc_serving, http_ok, wait_until
-from bench.scenarios import PACED_MODEL
+from bench.procs import ProcessGroup, free_port, grpc_serving, http_ok, process_tree, wait_until
+from bench.report import evaluate, markdown
+from bench.scenarios import GAP_MODEL, PACED_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """(upstream base URL, gateway target), both stopped at the end."""
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, str]]:
+    """(upstream base URL, gateway target, floor target), all stopped at the end."""
     with ProcessGroup(tmp_path_factory.mktemp("bench-logs")) as group:
         up_port = free_port()
         upstream = group.start(
@@ -50,7 +52,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]
         gateway = group.start("gateway", [sys.executable, "-m", "service"], env=env)
         target = f"127.0.0.1:{gw_port}"
         wait_until(lambda: grpc_serving(target), 60, gateway, "gateway")
-        yield base, target
+        fl_port = free_port()
+        floor = group.start("floor", [sys.executable, "-m", "bench.floor", "--port", str(fl_port)])
+        floor_target = f"127.0.0.1:{fl_port}"
+        wait_until(lambda: grpc_serving(floor_target), 30, floor, "floor")
+        yield base, target, floor_target
 
 
 def _tiny(target: str, address: str, rpc: str, **kw: object) -> dict[str, object]:
@@ -63,8 +69,7 @@ def _tiny(target: str, address: str, rpc: str, **kw: object) -> dict[str, object
         warmup_s=0.2,
         max_tokens=8,
         channels_per_worker=2,
-        model="bench-model" if target == "http" else "",
-        **kw,  # type: ignore[arg-type]
+        **{"model": "bench-model" if target == "http" else "", **kw},  # type: ignore[arg-type]
     )
     return run_load(spec)
 
@@ -91,20 +96,20 @@ def _sane(result: dict[str, object], stream: bool) -> None:
 
 
 @pytest.mark.parametrize("rpc", ["unary", "stream"])
-def test_gateway_closed_loop(stack: tuple[str, str], rpc: str) -> None:
+def test_gateway_closed_loop(stack: tuple[str, str, str], rpc: str) -> None:
     """Closed-loop gRPC load through the gateway: results, no errors."""
     _sane(_tiny("grpc", stack[1], rpc), stream=rpc == "stream")
 
 
 @pytest.mark.parametrize("client", ["raw", "aiohttp"])
-def test_direct_http_stream(stack: tuple[str, str], client: str) -> None:
+def test_direct_http_stream(stack: tuple[str, str, str], client: str) -> None:
     """The OpenAI HTTP clients against the fake upstream's SSE (the direct baseline)."""
     result = _tiny("http", stack[0], "stream", http_client=client)
     _sane(result, stream=True)
     assert result["gap_ms"]["n"] == 7 * result["latency_ms"]["n"]  # type: ignore[index]  # one SSE event per token
 
 
-def test_open_loop_paced(stack: tuple[str, str]) -> None:
+def test_open_loop_paced(stack: tuple[str, str, str]) -> None:
     """Open-loop arrivals on the paced model through the gateway: every started call completes."""
     spec = LoadSpec(
         target="grpc",
@@ -122,3 +127,72 @@ def test_open_loop_paced(stack: tuple[str, str]) -> None:
     assert result["errors"] == 0, result["error_samples"]
     assert result["requests"] >= 10
     assert result["ttft_ms"]["p50"] >= 15  # type: ignore[index]  # first token paced at 20 ms
+
+
+@pytest.mark.parametrize("rpc", ["unary", "stream"])
+def test_floor_closed_loop(stack: tuple[str, str, str], rpc: str) -> None:
+    """The floor answers the loads the gateway gets; its streams carry one token per message."""
+    result = _tiny("grpc", stack[2], rpc, model=GAP_MODEL if rpc == "stream" else "")
+    _sane(result, stream=rpc == "stream")
+    if rpc == "stream":
+        assert result["gap_ms"]["n"] == 7 * result["latency_ms"]["n"]  # type: ignore[index]
+        assert result["ttft_ms"]["p50"] >= 1.5  # type: ignore[index]  # paced like the upstream: 2 ms a token
+
+
+def test_floor_processes_share_a_port(tmp_path: Path) -> None:
+    """``--processes 2`` serves one port from two processes (the floor of WORKERS=2), all stopped."""
+    with ProcessGroup(tmp_path) as group:
+        port = free_port()
+        floor = group.start("floor2", [sys.executable, "-m", "bench.floor", "--port", str(port), "--processes", "2"])
+        target = f"127.0.0.1:{port}"
+        wait_until(lambda: grpc_serving(target), 30, floor, "floor")
+        wait_until(lambda: len(process_tree(floor.pid)) == 3, 10, floor, "two floor processes")
+        children = process_tree(floor.pid)[1:]
+        _sane(_tiny("grpc", target, "unary"), stream=False)
+        group.stop(floor)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in children)
+
+
+def _results(gw: dict[str, float], fl: dict[str, float], w1: float, w2: float) -> dict[str, object]:
+    def target(v: dict[str, float]) -> dict[str, object]:
+        return {
+            "scenarios": {
+                "c64_unary": {"sut": {"cpu_us_per_request": v["cpu"]}, "throughput_rps": v["rps"]},
+                "c1_unary": {"latency_ms": {"p50": v["p50"], "p99": 2 * v["p50"]}},
+                "c256_stream_paced": {"chunks_per_s": v["msgs"], "sut": {"cpu_util_pct": 90.0}},
+            }
+        }
+
+    def run(rps: float, cpu: float) -> dict[str, object]:
+        return {"throughput_rps": rps, "sut": {"cpu_util_pct": cpu}, "machine_cpu_busy_pct": 99.0}
+
+    return {
+        "targets": {
+            "direct": {"scenarios": {"c1_unary": {"latency_ms": {"p50": 0.2, "p99": 0.3}}}},
+            "floor": target(fl),
+            "gateway": target(gw),
+        },
+        "workers": {"runs": {"gateway_1": run(w1, 100.0), "gateway_2": run(w2, 190.0), "floor_1": run(4000, 100.0)}},
+    }
+
+
+def test_floor_targets_met_and_not_met() -> None:
+    """The per-core verdicts follow the thresholds relative to the floor, both ways."""
+    floor = {"cpu": 200.0, "p50": 0.5, "msgs": 20_000.0, "rps": 4000.0}
+    good = evaluate_floor(_results({"cpu": 350.0, "p50": 0.7, "msgs": 12_000.0, "rps": 2000.0}, floor, 1000, 1800))
+    assert [r["met"] for r in good] == [True, True, True, True]
+    assert good[0]["value"] == pytest.approx(1.75) and good[1]["value"] == pytest.approx(0.2)
+    bad = evaluate_floor(_results({"cpu": 380.0, "p50": 0.8, "msgs": 9_000.0, "rps": 2000.0}, floor, 1000, 1600))
+    assert [r["met"] for r in bad] == [False, False, False, False]
+    assert evaluate_floor({"targets": {}})[0]["met"] is None  # not measured is not "met"
+
+
+def test_report_states_the_floor() -> None:
+    """results.md carries the per-core section and the floor's figure beside each absolute target."""
+    results = _results({"cpu": 380.0, "p50": 0.8, "msgs": 9_000.0, "rps": 2000.0}, {"cpu": 200.0, "p50": 0.5,
+                       "msgs": 20_000.0, "rps": 4000.0}, 1000, 1600)  # fmt: skip
+    results["evaluation"] = evaluate(results)
+    results["floor_evaluation"] = evaluate_floor(results)
+    assert results["evaluation"][0]["floor"] == pytest.approx(0.3)  # the floor's added c=1 p50 over direct
+    text = markdown(results)
+    assert "Per-core targets vs the floor" in text and "WORKERS=2" in text and "**not met**" in text
