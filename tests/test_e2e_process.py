@@ -150,7 +150,9 @@ def test_cli_chat_stream_and_health(service: str) -> None:
 
 
 def test_sigterm_drains_and_exits_zero() -> None:
-    proc, target = start_service({})
+    # A grace far above what the answer needs even on a loaded 2-core machine (the embedded model
+    # shares the cores with the test run): this checks the drain, not the model's speed.
+    proc, target = start_service({"SHUTDOWN_GRACE_S": "60"})
     try:
         wait_serving(target)
         with grpc.insecure_channel(target) as channel:
@@ -160,15 +162,15 @@ def test_sigterm_drains_and_exits_zero() -> None:
             stub = pb_grpc.InferenceServiceStub(channel)
             # A stream in flight when SIGTERM arrives finishes within the grace period.
             call = stub.ChatStream(
-                pb.ChatStreamRequest(messages=[pb.Message(role=pb.ROLE_USER, content="Tell a story")], max_tokens=40),
-                timeout=30,
+                pb.ChatStreamRequest(messages=[pb.Message(role=pb.ROLE_USER, content="Tell a story")], max_tokens=24),
+                timeout=90,
             )
             first = next(call)
             assert first.HasField("delta")
             proc.send_signal(signal.SIGTERM)
             rest = list(call)
             assert rest[-1].HasField("final")
-        assert proc.wait(timeout=20) == 0
+        assert proc.wait(timeout=90) == 0
         log = proc.stdout.read().decode() if proc.stdout else ""
         assert "shutting down" in log and "stopped" in log
     finally:
