@@ -303,3 +303,20 @@ def test_otlp_header_values_are_secrets(caplog: pytest.LogCaptureFixture) -> Non
         logging.getLogger("service.test").info("exporter said: otlp-SECRET-0012 tn-SECRET-0013 tr-SECRET-0014")
     for secret in ("otlp-SECRET-0012", "tn-SECRET-0013", "tr-SECRET-0014"):
         assert secret not in caplog.text
+
+
+async def test_health_never_shows_credentials_in_an_endpoint() -> None:
+    from tests.fakes import CannedProvider
+
+    provider = CannedProvider("vastai")
+    provider.endpoint = "https://gw-user:s3cret-pass@vllm.example.internal:8443"  # type: ignore[misc]
+    running = await start_gateway(make_settings(), [provider])
+    try:
+        for message in (
+            (await running.stub.Health(pb.HealthRequest())).providers[0],
+            (await running.stub.GetProviderStatus(pb.GetProviderStatusRequest())).providers[0].health,
+        ):
+            assert message.endpoint == "https://vllm.example.internal:8443"
+            assert "s3cret" not in str(message)
+    finally:
+        await stop_gateway(running)
