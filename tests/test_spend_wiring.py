@@ -159,6 +159,11 @@ async def test_tenant_budgets_and_who_may_read_usage(tmp_path: Path) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await running.stub.GetUsage(pb.GetUsageRequest(group_by=[0]), metadata=bearer("tok-ops-1234567"))
         assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        long_ago = pb.GetUsageRequest()
+        long_ago.end_time.FromSeconds(86_400)  # 1970: before the default start (this month)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await running.stub.GetUsage(long_ago, metadata=bearer("tok-ops-1234567"))
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # not UNKNOWN
     finally:
         await stop_gateway(running)
         anth.stop()

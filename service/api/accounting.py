@@ -193,7 +193,10 @@ async def usage(spend: Spend | None, request: pb.GetUsageRequest) -> pb.GetUsage
     end = _when(request.end_time, "end_time") if request.HasField("end_time") else None
     if start is not None and end is not None and end <= start:
         raise InvalidRequestError.from_violations([FieldViolation("end_time", "must be after start_time")])
-    rows = await spend.ledger.usage(start, end, dims, tenant)  # type: ignore[arg-type]
+    try:
+        rows = await spend.ledger.usage(start, end, dims, tenant)  # type: ignore[arg-type]
+    except ValueError as exc:  # a range that is empty once the unset end defaults (this month)
+        raise InvalidRequestError.from_violations([FieldViolation("end_time", str(exc))]) from None
     return pb.GetUsageResponse(
         rows=[
             pb.UsageRow(
