@@ -172,6 +172,8 @@ class Settings(BaseSettings):
     anthropic_monthly_budget_usd: Usd = 0.0
     # server
     shutdown_grace_s: NonNegativeSeconds = 10.0
+    grpc_max_connection_age_s: NonNegativeSeconds = 0.0  # 0: connections live as long as clients keep them
+    grpc_max_connection_age_grace_s: NonNegativeSeconds = 600.0
     log_level: LogLevel = "INFO"
     log_content: bool = False
     metrics_port: Port = 0
@@ -394,6 +396,16 @@ ENV_DOCS: list[tuple[str, str, str]] = [
         "the other providers' monthly budgets; 0 = no limit",
     ),
     ("SHUTDOWN_GRACE_S", "10", "seconds in-flight calls get to finish on SIGTERM"),
+    (
+        "GRPC_MAX_CONNECTION_AGE_S",
+        "0",
+        "close client connections after this long (GOAWAY) so L4 balancers spread load to new replicas; 0 = never",
+    ),
+    (
+        "GRPC_MAX_CONNECTION_AGE_GRACE_S",
+        "600",
+        "time open calls get after that GOAWAY (> the longest stream)",
+    ),
     ("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
     ("LOG_CONTENT", "false", "log message content (never on by default)"),
     ("METRICS_PORT", "0", "Prometheus scrape port on 127.0.0.1 (METRICS_ADDRESS sets the host too); 0 = off"),

@@ -160,6 +160,16 @@ class Gateway:
         options = [
             ("grpc.max_receive_message_length", self.settings.max_request_bytes),
             ("grpc.max_send_message_length", 16 * 1024 * 1024),
+            *(
+                # Behind an L4 balancer (a Kubernetes Service) HTTP/2 keeps each client on one
+                # replica for good; a GOAWAY after this age makes clients reconnect and spread out.
+                [
+                    ("grpc.max_connection_age_ms", int(self.settings.grpc_max_connection_age_s * 1000)),
+                    ("grpc.max_connection_age_grace_ms", int(self.settings.grpc_max_connection_age_grace_s * 1000)),
+                ]
+                if self.settings.grpc_max_connection_age_s > 0
+                else []
+            ),
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.http2.max_pings_without_data", 0),

@@ -257,3 +257,24 @@ async def test_queueing_for_a_pooled_connection_is_not_the_providers_first_token
     finally:
         await stop_gateway(running)
         vast.stop()
+
+
+async def test_connections_are_recycled_when_max_connection_age_is_set() -> None:
+    vast = FakeOpenAI(models=[MODAL_MODEL]).start()
+    running = await start_gateway(
+        chain_settings(None, vast, grpc_max_connection_age_s=0.5, grpc_max_connection_age_grace_s=5)
+    )
+    try:
+        # A stream open across the GOAWAY finishes in the grace period; the channel reconnects after it.
+        vast.default = Ok(tokens=["a ", "b ", "c ", "d"], delay_s_between_tokens=0.25)
+        served(await call(running.stub, "ChatStream", timeout=10), "vastai", ["a ", "b ", "c ", "d"])
+        # The server said GOAWAY at the connection's age: the client's channel is no longer READY.
+        deadline = time.monotonic() + 5
+        while running.channel.get_state() is grpc.ChannelConnectivity.READY:
+            assert time.monotonic() < deadline, "the connection was never recycled"
+            await asyncio.sleep(0.05)
+        vast.default = Ok(tokens=VAST_TOKENS)
+        served(await call(running.stub, "Chat"), "vastai", VAST_TOKENS)
+    finally:
+        await stop_gateway(running)
+        vast.stop()
