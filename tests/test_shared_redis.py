@@ -187,11 +187,16 @@ class GatewayProcess:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def stop(self, timeout_s: float = 30) -> int:
+    def stop(self, timeout_s: float = 60) -> int:
         if self.proc.poll() is None:
             self.proc.terminate()
         try:
             return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            # Say what the gateway was doing when it would not stop (seen once under heavy load).
+            raise AssertionError(f"gateway did not stop within {timeout_s} s; its log ends:\n{self.output()[-3000:]}")
         finally:
             self._out.close()
 
