@@ -196,7 +196,8 @@ class GatewayProcess:
             self.proc.kill()
             self.proc.wait(10)
             # Say what the gateway was doing when it would not stop (seen once under heavy load).
-            raise AssertionError(f"gateway did not stop within {timeout_s} s; its log ends:\n{self.output()[-3000:]}")
+            tail = self.output()[-3000:]
+            raise AssertionError(f"gateway did not stop within {timeout_s} s; its log ends:\n{tail}") from None
         finally:
             self._out.close()
 
