@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.procs import ProcessGroup, free_port, http_ok, wait_until
-from bench.scenarios import FAST_MODEL, PACED_MODEL
+from bench.scenarios import FAST_MODEL, GAP_MODEL, PACED_MODEL
 
 SETUP_SCRIPT = Path(__file__).resolve().parent / "setup_litellm.sh"
 
@@ -53,9 +53,9 @@ def ensure_installed(venv: Path, install: bool) -> tuple[str, str]:
 
 
 def config_yaml(upstream_url: str) -> str:
-    """The proxy config: both fake models, no retries, no DB, no callbacks."""
+    """The proxy config: the three fake models, no retries, no DB, no callbacks."""
     lines = ["model_list:"]
-    for model in (FAST_MODEL, PACED_MODEL):
+    for model in (FAST_MODEL, PACED_MODEL, GAP_MODEL):
         lines += [
             f"  - model_name: {model}",
             "    litellm_params:",

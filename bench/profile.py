@@ -37,14 +37,19 @@ def summarise_collapsed(text: str, top: int = 25) -> dict[str, Any]:
 
     Samples are split three ways: the main thread doing work (the event loop: the figures that
     matter), the main thread idle in epoll (native profiles only; py-spy's Python-only mode skips
-    idle threads), and other threads (gRPC's completion-queue poller thread). The ``own``,
-    ``total`` and ``own_by_package`` tables cover the busy main thread only, in percent of it;
-    ``own_all`` covers every sample.
+    idle threads), and other threads (gRPC's completion-queue poller thread, the SQLite ledger's
+    writer). The ``own``, ``total`` and ``own_by_package`` tables cover the busy main thread only,
+    in percent of it; ``own_all`` covers every sample; ``threads`` counts samples per thread name.
+
+    Profiles recorded with ``--threads`` start each stack with ``thread (id): name``, which says for
+    sure which thread a sample is from (py-spy's non-blocking mode often cuts a stack short, so
+    without it such samples of the main thread look like another thread's).
     """
     own: Counter[str] = Counter()
     own_all: Counter[str] = Counter()
     total: Counter[str] = Counter()
     own_by_file: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
     samples = busy = idle = other = 0
     for line in text.splitlines():
         stack, _, count_s = line.rpartition(" ")
@@ -55,12 +60,18 @@ def summarise_collapsed(text: str, top: int = 25) -> dict[str, Any]:
         except ValueError:
             continue
         frames = [_frame_key(f) for f in stack.split(";") if f.strip()]
+        thread = None
+        if frames and frames[0].startswith("thread ("):
+            thread = frames.pop(0).partition(": ")[2] or "?"
         if not frames:
             continue
         samples += count
         leaf = frames[-1]
         own_all[leaf] += count
-        if not any(f.startswith(("_run_module_as_main", "Runner.run", "<module>")) for f in frames):
+        if thread is not None:
+            threads[thread] += count
+        is_main = thread == "MainThread" if thread is not None else _looks_main(frames)
+        if not is_main:
             other += count
             continue
         if _is_idle(leaf):
@@ -86,7 +97,13 @@ def summarise_collapsed(text: str, top: int = 25) -> dict[str, Any]:
         "total": table(total, busy),
         "own_by_package": table(own_by_file, busy),
         "own_all": table(own_all, samples),
+        "threads": [{"thread": t, "samples": n, "pct": 100.0 * n / max(1, samples)} for t, n in threads.most_common()],
     }
+
+
+def _looks_main(frames: list[str]) -> bool:
+    """Without thread names: a stack through the entry point or the loop is the main thread's."""
+    return any(f.startswith(("_run_module_as_main", "Runner.run", "<module>")) for f in frames)
 
 
 def _package(path: str) -> str:
@@ -123,6 +140,7 @@ def record(pid: int, out_raw: Path, duration_s: float, rate_hz: int = 250, nativ
         str(rate_hz),
         "--format",
         "raw",
+        "--threads",  # each stack names its thread: main-thread samples are told apart for sure
         "-o",
         str(out_raw),
     ]
@@ -140,7 +158,13 @@ def markdown(title: str, summary: dict[str, Any], top: int = 15) -> str:
         f"### {title}",
         "",
         f"{summary['samples']} samples: main thread busy {summary.get('main_busy', '?')}, main thread idle in "
-        f"epoll {summary.get('main_idle', '?')}, other threads (gRPC poller) {summary.get('other_threads', '?')}. "
+        f"epoll {summary.get('main_idle', '?')}, other threads {summary.get('other_threads', '?')}"
+        + (
+            " (" + ", ".join(f"{t['thread']} {t['samples']}" for t in summary["threads"]) + ")"
+            if summary.get("threads")
+            else ""
+        )
+        + ". "
         "Percentages below are of the busy main-thread samples. `Runner.run` own time is C code run by the "
         "event loop that Python-only sampling cannot see into (uvloop, gRPC's Cython layer, syscalls); the "
         "native profile breaks it down.",

@@ -150,7 +150,13 @@ class FallbackConfig:
     probe_timeout_s: float = 10.0
 
 
-_KEEP_IN_CHAIN = {"CIRCUIT_FAILURE_THRESHOLD": "1000000000", "HEALTH_CHECK_INTERVAL_S": "3600"}
+# Modal must be healthy from the start to be the fallback: without a Modal token the startup check is
+# off and Modal stays cold (skipped) until a wake-up; probe asks the fake upstream's /health instead.
+_KEEP_IN_CHAIN = {
+    "CIRCUIT_FAILURE_THRESHOLD": "1000000000",
+    "HEALTH_CHECK_INTERVAL_S": "3600",
+    "MODAL_VALIDATE_ON_START": "probe",
+}
 FALLBACK_CONFIGS = [
     FallbackConfig(
         "fallback_reference",

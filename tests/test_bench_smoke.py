@@ -196,3 +196,20 @@ def test_report_states_the_floor() -> None:
     assert results["evaluation"][0]["floor"] == pytest.approx(0.3)  # the floor's added c=1 p50 over direct
     text = markdown(results)
     assert "Per-core targets vs the floor" in text and "WORKERS=2" in text and "**not met**" in text
+
+
+def test_profile_counts_cut_main_thread_stacks_as_main() -> None:
+    """With thread names (py-spy --threads), a main-thread stack cut short is still the main thread's."""
+    from bench.profile import summarise_collapsed
+
+    text = "\n".join(
+        [
+            "thread (1): MainThread;_run_module_as_main (<frozen runpy>:198);Runner.run (asyncio/runners.py:118) 6",
+            "thread (1): MainThread;InferenceServicer.Chat (service/api/servicer.py:131) 3",  # cut short by py-spy
+            "thread (2): Thread-1;Thread._bootstrap (threading.py:1002);Thread.run (threading.py:982) 2",
+        ]
+    )
+    summary = summarise_collapsed(text)
+    assert (summary["main_busy"], summary["other_threads"]) == (9, 2)
+    assert summary["own"][1]["function"] == "InferenceServicer.Chat (service/api/servicer.py)"
+    assert [t["thread"] for t in summary["threads"]] == ["MainThread", "Thread-1"]
