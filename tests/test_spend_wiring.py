@@ -43,7 +43,10 @@ async def test_every_call_is_on_the_ledger_and_get_usage_sums_it() -> None:
             pb.ChatRequest(messages=MESSAGES, metadata={"team": "billing"}), metadata=(("x-request-id", "req-42"),)
         )
         await call
-        assert dict(await call.initial_metadata())["x-request-id"] == "req-42"  # echoed
+        assert dict(await call.trailing_metadata())["x-request-id"] == "req-42"  # echoed
+        generated = running.stub.Chat(pb.ChatRequest(messages=MESSAGES))
+        await generated
+        assert dict(await generated.trailing_metadata())["x-request-id"]  # made when the caller sent none
         async for _ in running.stub.ChatStream(pb.ChatStreamRequest(messages=MESSAGES)):
             pass
         with pytest.raises(grpc.aio.AioRpcError):
@@ -52,10 +55,10 @@ async def test_every_call_is_on_the_ledger_and_get_usage_sums_it() -> None:
 
         by_provider = await running.stub.GetUsage(pb.GetUsageRequest(group_by=[pb.USAGE_DIMENSION_PROVIDER]))
         vast_row = next(r for r in by_provider.rows if r.provider == "vastai")
-        assert vast_row.requests == 2 and vast_row.completion_tokens > 0 and vast_row.cost_usd > 0
+        assert vast_row.requests == 3 and vast_row.completion_tokens > 0 and vast_row.cost_usd > 0
         everything = await running.stub.GetUsage(pb.GetUsageRequest())
         (row,) = everything.rows
-        assert row.requests == 3 and row.failed_requests == 1  # the invalid call is recorded, as failed
+        assert row.requests == 4 and row.failed_requests == 1  # the invalid call is recorded, as failed
         by_day = await running.stub.GetUsage(
             pb.GetUsageRequest(group_by=[pb.USAGE_DIMENSION_TENANT, pb.USAGE_DIMENSION_DAY])
         )
