@@ -35,7 +35,9 @@ async def test_cold_modal_is_bypassed_while_one_wake_up_runs() -> None:
     modal, vast = FakeOpenAI(models=[MODAL_MODEL]).start(), FakeOpenAI(models=[MODAL_MODEL]).start()
     modal.default, vast.default = Ok(tokens=MODAL_TOKENS), Ok(tokens=VAST_TOKENS)
     modal.cold_start(not_listening_s=1.0, unavailable_s=1.0)
-    running = await start_gateway(chain_settings(modal, vast, health_check_timeout_s=0.3))
+    # The fallback answers at once; a first-token budget well above the tests' 1.5 s keeps a loaded
+    # machine from turning this into a timeout test (a burst call timed out ~1 run in 20 in development).
+    running = await start_gateway(chain_settings(modal, vast, health_check_timeout_s=0.3, ttft_timeout_s=5.0))
     monitor = running.gateway.router.monitor
     wake_ups = 0
     wake_loop = monitor._wake_loop
