@@ -10,7 +10,6 @@ gateway sends; what the gRPC caller saw is the evidence of how answers are read 
 from __future__ import annotations
 
 import base64
-import json
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,9 +22,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from inference.v1 import inference_pb2 as pb
 
-from service.providers.anthropic import AnthropicProvider
 from service.providers.anthropic_structured import ANSWER_TOOL_DESCRIPTION
-from service.providers.base import ChatMessage, ChatRequest, FinishReason, ResponseFormat, Tool, ToolCall
 from tests.conftest import RunningGateway, start_gateway, stop_gateway
 from tests.routing_helpers import chain_settings
 from tests.upstreams import FakeAnthropic, FakeOpenAI, Ok
@@ -587,31 +584,3 @@ async def test_stand_in_refuses_a_script_the_real_api_could_not_answer() -> None
             with pytest.raises(anthropic.InternalServerError):
                 await client.messages.create(**create({"tools": [TOOL]}))
         assert "does not declare" in srv.errors[0]
-
-
-async def test_the_unary_api_is_read_the_same_way(ant: FakeAnthropic) -> None:
-    # AnthropicProvider.chat (the unary Messages API) is not on the router's path; kept consistent.
-    provider = AnthropicProvider(chain_settings(anthropic=ant, anthropic_model=OPUS_41))
-    await provider.start()
-    try:
-        ant.enqueue(Blocks((TextBlock("Checking."), ToolUseBlock("get_time", id="toolu_01T"))))
-        tool = Tool("get_time", "The time now")
-        calls = await provider.chat(ChatRequest((ChatMessage("user", "time?"),), tools=(tool,)))
-        ant.enqueue(Blocks((ToolUseBlock("weather", ('{"city": "Oslo"}',)),)))
-        answer = await provider.chat(
-            ChatRequest(
-                (ChatMessage("user", "weather?"),), response_format=ResponseFormat("json_schema", "weather", CITY)
-            )
-        )
-    finally:
-        await provider.aclose()
-    assert (calls.content, calls.tool_calls, calls.finish_reason) == (
-        "Checking.",
-        (ToolCall("toolu_01T", "get_time", "{}"),),
-        FinishReason.TOOL_CALLS,
-    )
-    assert (json.loads(answer.content), answer.tool_calls, answer.finish_reason) == (
-        {"city": "Oslo"},
-        (),
-        FinishReason.STOP,
-    )

@@ -59,14 +59,11 @@ from service.providers.anthropic_messages import (
 )
 from service.providers.anthropic_structured import (
     StreamDecoder,
-    answer_finish,
-    decode_message,
     finish_reason,
     native_structured_output,
 )
 from service.providers.base import (
     ChatRequest,
-    ChatResult,
     HealthReport,
     StreamEnd,
     StreamItem,
@@ -207,30 +204,6 @@ class AnthropicProvider:
         if isinstance(exc, anthropic.APIError):
             return ProviderProtocolError(self.name, f"anthropic stream failed: {exc}")
         return ProviderError(self.name, f"anthropic failed: {type(exc).__name__}: {exc}")
-
-    async def chat(self, request: ChatRequest) -> ChatResult:
-        """One unary message (the router serves both RPCs from :meth:`stream`; kept for direct use)."""
-        sent = self._request(request)
-        params = sent.params
-        try:
-            message = await self.client.messages.create(**params)
-            text, calls, called = decode_message(message.content, sent.answer_tool)
-            stop = message.stop_reason
-            result = ChatResult(
-                id=message.id,
-                model=message.model,
-                content=text,
-                finish_reason=answer_finish(stop, sent.answer_tool, called),
-                usage=Usage(message.usage.input_tokens, message.usage.output_tokens),
-                tool_calls=calls,
-            )
-        except anthropic.AnthropicError as exc:
-            raise self._translate(exc, params["model"]) from exc
-        except _MALFORMED as exc:  # the SDK parses bodies without validating them
-            raise ProviderProtocolError(self.name, f"anthropic sent a malformed message: {exc}") from exc
-        if message.stop_reason is None:
-            raise ProviderProtocolError(self.name, "anthropic answered a message without a stop reason")
-        return result
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamItem, None]:
         """Streams text deltas and tool-call fragments; the SDK stream (and its HTTP response) is

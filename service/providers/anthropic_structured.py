@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import anthropic
 
-from service.providers.base import FinishReason, ResponseFormat, StreamItem, ToolCall, ToolCallDelta
+from service.providers.base import FinishReason, ResponseFormat, StreamItem, ToolCallDelta
 
 # The forced tool's name for json_object (json_schema uses the schema's name).
 ANSWER_TOOL = "json_answer"
@@ -204,19 +204,3 @@ class StreamDecoder:
     def finish(self, stop_reason: str | None) -> FinishReason:
         """The answer's finish reason (see :func:`answer_finish`)."""
         return answer_finish(stop_reason, self.answer, bool(self._calls))
-
-
-def decode_message(content: Iterable[Any], answer: AnswerTool | None) -> tuple[str, tuple[ToolCall, ...], bool]:
-    """A whole message's text and tool calls, and whether a caller's tool was called."""
-    texts: list[str] = []
-    calls: list[ToolCall] = []
-    for block in content:
-        if block.type == "text" and answer is None:
-            texts.append(block.text)
-        elif block.type == "tool_use":
-            arguments = json.dumps(block.input)
-            if answer is not None and block.name == answer.name:
-                texts.append(_answer_text(arguments, answer))
-            else:
-                calls.append(ToolCall(block.id, block.name, arguments))
-    return "".join(texts), tuple(calls), bool(calls)
