@@ -42,11 +42,9 @@ async def _row(url: str, model: str, stream: bool, concurrency: int, calls: int,
     async def caller(n: int) -> None:
         nonlocal messages
         for _ in range(n):
-            if stream:
-                async for item in provider.stream(request):
-                    messages += isinstance(item, str)
-            else:
-                await provider.chat(request)
+            # Unary calls take the same path in the gateway (the router assembles the stream).
+            async for item in provider.stream(request):
+                messages += stream and isinstance(item, str)
 
     await asyncio.gather(*(caller(5) for _ in range(concurrency)))  # connections open, caches warm
     messages = 0
