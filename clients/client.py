@@ -156,6 +156,23 @@ class AsyncInferenceClient(ClientBase):
         """Closes the channel."""
         await self._channel.close()
 
+    async def _unary(self, method: Any, request: Any, deadline: float, policy: RetryPolicy) -> Any:
+        """One unary call, retried by ``policy`` (``UNAVAILABLE``, opted-in ``RESOURCE_EXHAUSTED``)
+        within ``deadline`` (a ``time.monotonic()`` instant)."""
+        retry = 0
+        while True:
+            try:
+                return await method(
+                    request, timeout=max(0.001, deadline - time.monotonic()), metadata=self.connection.metadata
+                )
+            except grpc.RpcError as exc:
+                err = from_rpc_error(exc)
+                delay = policy.delay_s(err, retry, deadline)
+                if delay is None:
+                    raise err from None
+                retry += 1
+                await asyncio.sleep(delay)
+
     async def chat(self, prompt: str | None = None, **options: Unpack[ChatOptions]) -> ChatResult:
         """One complete answer.
 
@@ -168,20 +185,8 @@ class AsyncInferenceClient(ClientBase):
         """
         request = build_request(pb.ChatRequest, prompt, options)
         deadline, policy = self._deadline(options), self._retry(options)
-        retry = 0
-        while True:
-            try:
-                response = await self._stub.Chat(
-                    request, timeout=max(0.001, deadline - time.monotonic()), metadata=self.connection.metadata
-                )
-                return convert.chat_result(response, result_parser(options.get("response_format")))
-            except grpc.RpcError as exc:
-                err = from_rpc_error(exc)
-                delay = policy.delay_s(err, retry, deadline)
-                if delay is None:
-                    raise err from None
-                retry += 1
-                await asyncio.sleep(delay)
+        response = await self._unary(self._stub.Chat, request, deadline, policy)
+        return convert.chat_result(response, result_parser(options.get("response_format")))
 
     def chat_stream(self, prompt: str | None = None, **options: Unpack[ChatOptions]) -> ChatStream:
         """A streaming call: an async context manager and async iterator of text deltas.
@@ -265,17 +270,5 @@ class AsyncInferenceClient(ClientBase):
         dims = usage_api.dimensions(by)
         request = usage_api.build_request(since, until, dims, tenant)
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
-        retry = 0
-        while True:
-            try:
-                response = await self._stub.GetUsage(
-                    request, timeout=max(0.001, deadline - time.monotonic()), metadata=self.connection.metadata
-                )
-                return usage_api.rows(response, dims)
-            except grpc.RpcError as exc:
-                err = from_rpc_error(exc)
-                delay = self.retry.delay_s(err, retry, deadline)
-                if delay is None:
-                    raise err from None
-                retry += 1
-                await asyncio.sleep(delay)
+        response = await self._unary(self._stub.GetUsage, request, deadline, self.retry)
+        return usage_api.rows(response, dims)

@@ -133,6 +133,23 @@ class InferenceClient(ClientBase):
         """Closes the channel."""
         self._channel.close()
 
+    def _unary(self, method: Any, request: Any, deadline: float, policy: RetryPolicy) -> Any:
+        """One unary call, retried by ``policy`` (``UNAVAILABLE``, opted-in ``RESOURCE_EXHAUSTED``)
+        within ``deadline`` (a ``time.monotonic()`` instant)."""
+        retry = 0
+        while True:
+            try:
+                return method(
+                    request, timeout=max(0.001, deadline - time.monotonic()), metadata=self.connection.metadata
+                )
+            except grpc.RpcError as exc:
+                err = from_rpc_error(exc)
+                delay = policy.delay_s(err, retry, deadline)
+                if delay is None:
+                    raise err from None
+                retry += 1
+                time.sleep(delay)
+
     def chat(self, prompt: str | None = None, **options: Unpack[ChatOptions]) -> ChatResult:
         """One complete answer.
 
@@ -145,20 +162,8 @@ class InferenceClient(ClientBase):
         """
         request = build_request(pb.ChatRequest, prompt, options)
         deadline, policy = self._deadline(options), self._retry(options)
-        retry = 0
-        while True:
-            try:
-                response = self._stub.Chat(
-                    request, timeout=max(0.001, deadline - time.monotonic()), metadata=self.connection.metadata
-                )
-                return convert.chat_result(response, result_parser(options.get("response_format")))
-            except grpc.RpcError as exc:
-                err = from_rpc_error(exc)
-                delay = policy.delay_s(err, retry, deadline)
-                if delay is None:
-                    raise err from None
-                retry += 1
-                time.sleep(delay)
+        response = self._unary(self._stub.Chat, request, deadline, policy)
+        return convert.chat_result(response, result_parser(options.get("response_format")))
 
     def chat_stream(self, prompt: str | None = None, **options: Unpack[ChatOptions]) -> SyncChatStream:
         """A streaming call: a context manager and iterator of text deltas.
@@ -242,17 +247,5 @@ class InferenceClient(ClientBase):
         dims = usage_api.dimensions(by)
         request = usage_api.build_request(since, until, dims, tenant)
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
-        retry = 0
-        while True:
-            try:
-                response = self._stub.GetUsage(
-                    request, timeout=max(0.001, deadline - time.monotonic()), metadata=self.connection.metadata
-                )
-                return usage_api.rows(response, dims)
-            except grpc.RpcError as exc:
-                err = from_rpc_error(exc)
-                delay = self.retry.delay_s(err, retry, deadline)
-                if delay is None:
-                    raise err from None
-                retry += 1
-                time.sleep(delay)
+        response = self._unary(self._stub.GetUsage, request, deadline, self.retry)
+        return usage_api.rows(response, dims)
