@@ -21,10 +21,11 @@ def main() -> int:
     from service.observe.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
-    from service.shared.workers import Supervisor, is_worker
+    from service.shared.workers import Supervisor, is_worker, watch_supervisor
 
     if settings.workers > 1 and not is_worker():
         return Supervisor(settings).run()
+    watch_supervisor(settings.shutdown_grace_s)  # a worker stops with its supervisor, however it died
     from service.server import serve
 
     try:

@@ -29,9 +29,44 @@ def children(pid: int) -> set[int]:
     return {int(p) for p in path.read_text().split()}
 
 
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (children of any of its threads, and theirs)."""
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                kids = {int(p) for p in (task / "children").read_text().split()}
+            except OSError:  # the thread or process ended meanwhile
+                continue
+            todo += kids - found
+            found |= kids
+    return found
+
+
 def running(pids: set[int]) -> list[int]:
-    """Those of ``pids`` that still exist."""
-    return [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+    """Those of ``pids`` that still run (a zombie waiting to be reaped has stopped running)."""
+    alive = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except OSError:
+            continue
+        if state not in ("Z", "X"):
+            alive.append(pid)
+    return alive
+
+
+def port_is_free(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:``port`` (SO_REUSEADDR: connections in TIME_WAIT do not count)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+        except OSError:
+            return False
+        return True
 
 
 async def wait_for(predicate, timeout_s: float = 30, what: str = "") -> None:  # type: ignore[no-untyped-def]
@@ -97,6 +132,46 @@ async def test_a_killed_worker_is_replaced_and_the_port_keeps_answering(tmp_path
             gw.stop()
 
 
+async def _kill_the_supervisor(gw: GatewayProcess, port: int, timeout_s: float = 30) -> None:
+    """Waits for two serving workers, SIGKILLs the supervisor, and waits for everything below it
+    to be gone and the port to be free."""
+    await wait_for(lambda: len(children(gw.proc.pid)) == 2, what="two workers", timeout_s=timeout_s)
+    await wait_serving_async(gw.target)
+    assert await unary(gw.target) is grpc.StatusCode.OK
+    below = descendants(gw.proc.pid)
+    assert len(below) >= 2
+    gw.proc.kill()
+    try:
+        assert gw.proc.wait(10) == -signal.SIGKILL
+        # A supervisor killed outright (the OOM killer's likely choice: it holds the model) takes its
+        # workers with it: no orphan keeps serving the port with a dead supervisor's configuration.
+        await wait_for(lambda: not running(below), timeout_s=10, what="the workers to exit")
+        await wait_for(lambda: port_is_free(port), timeout_s=5, what="the port to be free")
+    finally:
+        for pid in running(below):  # only when the test failed: leave no orphan behind
+            os.kill(pid, signal.SIGKILL)
+
+
+async def test_workers_die_with_a_killed_supervisor(tmp_path: Path) -> None:
+    with FakeOpenAI(models=[MODAL_MODEL]) as upstream:
+        upstream.default = Ok(tokens=["hi"])
+        port = free_port()
+        env = gateway_env(
+            {
+                "WORKERS": "2",
+                "GRPC_LISTEN_ADDRESS": f"127.0.0.1:{port}",
+                "VASTAI_VLLM_URL": upstream.base_url,
+                "VASTAI_MODEL": MODAL_MODEL,
+            },
+            tmp_path,
+        )
+        gw = GatewayProcess(env, tmp_path)
+        try:
+            await _kill_the_supervisor(gw, port)
+        finally:
+            gw.stop()
+
+
 async def test_workers_that_keep_dying_stop_the_supervisor(tmp_path: Path) -> None:
     # The port is held by a socket without SO_REUSEPORT: every worker fails to bind and dies.
     with socket.socket() as blocker:
@@ -139,3 +214,18 @@ async def test_the_embedded_model_is_started_once_for_all_workers(tmp_path: Path
         assert "embedded llama.cpp serving" not in out  # no worker loaded a model of its own
     finally:
         assert gw.stop() == 0
+
+
+@pytest.mark.e2e
+async def test_nothing_outlives_a_killed_supervisor_that_runs_the_embedded_model(tmp_path: Path) -> None:
+    port = free_port()
+    env = gateway_env(
+        {"WORKERS": "2", "GRPC_LISTEN_ADDRESS": f"127.0.0.1:{port}", "TTFT_TIMEOUT_S": "20", "REQUEST_TIMEOUT_S": "60"},
+        tmp_path,
+    )
+    gw = GatewayProcess(env, tmp_path)
+    try:
+        await _kill_the_supervisor(gw, port, timeout_s=60)
+        assert "shared by the workers" in gw.output()
+    finally:
+        gw.stop()

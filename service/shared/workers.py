@@ -16,7 +16,18 @@ The supervisor owns no gRPC state. It
   (a worker exiting 2, a configuration error, stops everything at once: it would fail again);
 * forwards SIGTERM/SIGINT (graceful drain of every worker, SHUTDOWN_GRACE_S each) and SIGHUP
   (reload) to all workers; a worker still running after the grace period plus
-  :data:`KILL_AFTER_S` is killed.
+  :data:`KILL_AFTER_S` is killed;
+* holds the write end of a pipe (the lifeline) whose read end every worker watches
+  (:func:`watch_supervisor`): when the supervisor dies, however it dies (SIGKILL, the OOM killer),
+  the kernel closes its end, every worker reads EOF and drains and exits as on SIGTERM, killing
+  itself if the drain outlasts the same deadline. No orphan keeps the port with a dead supervisor's
+  configuration, and nothing restarts behind the supervisor's back. A pipe rather than Linux's
+  ``PR_SET_PDEATHSIG``: that fires when the *thread* that started the child exits, leaves a window
+  before the child can set it (closed only by a ``getppid`` check), and is Linux-only; EOF on a pipe
+  has no window (a worker whose supervisor died before it looked reads EOF at once).
+
+The embedded llama.cpp server (xllamacpp) runs as threads inside the supervisor, not as a process of
+its own, so it ends with the supervisor.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -37,6 +49,7 @@ from service.config import Settings
 log = logging.getLogger(__name__)
 
 WORKER_ENV = "GATEWAY_WORKER_INDEX"  # set in each worker's environment: its index, 0..N-1
+LIFELINE_ENV = "GATEWAY_LIFELINE_FD"  # the read end of the supervisor's lifeline pipe, in each worker
 MAX_DEATHS = 5
 DEATH_WINDOW_S = 60.0
 KILL_AFTER_S = 5.0
@@ -46,6 +59,40 @@ POLL_S = 0.1
 def is_worker(env: Mapping[str, str] = os.environ) -> bool:
     """This process was started by the supervisor (it serves; it does not supervise)."""
     return WORKER_ENV in env
+
+
+def watch_supervisor(grace_s: float, env: Mapping[str, str] = os.environ) -> None:
+    """In a worker: drain and exit when the supervisor is gone (EOF on the lifeline).
+
+    A daemon thread blocks on the lifeline; it returns at once when the supervisor died before the
+    worker got here. The worker then gets SIGTERM, its own graceful stop (or the default action,
+    before the server installed its handler), and exits hard if still running ``grace_s`` +
+    :data:`KILL_AFTER_S` later, the deadline the supervisor would have given it. A no-op outside
+    a worker.
+    """
+    raw = env.get(LIFELINE_ENV, "")
+    if not raw:
+        return
+    try:
+        fd = int(raw)
+        os.fstat(fd)
+    except (ValueError, OSError):
+        log.error("worker: %s=%r is not an open file: this worker will outlive its supervisor", LIFELINE_ENV, raw)
+        return
+
+    def watch() -> None:
+        try:
+            while os.read(fd, 1):  # the supervisor never writes: only EOF (or an error) returns
+                pass
+        except OSError:
+            pass
+        log.error("worker: the supervisor is gone; stopping")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s + KILL_AFTER_S)
+        log.error("worker: still running %.1f s after the supervisor died; exiting", grace_s + KILL_AFTER_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="supervisor-lifeline", daemon=True).start()
 
 
 def _free_port(host: str) -> int:
@@ -74,8 +121,13 @@ class Supervisor:
         self._local: Any = None  # the shared llama.cpp provider and server, kept alive while workers run
         self._local_server: Any = None
         self._env: dict[str, str] = dict(os.environ)
+        self._lifeline: tuple[int, int] | None = None
 
     def _prepare(self) -> None:
+        # Never written: its write end closing (this process ending) is the workers' signal to stop.
+        # os.pipe's ends are not inherited, so the write end stays in this process alone.
+        self._lifeline = os.pipe()
+        self._env[LIFELINE_ENV] = str(self._lifeline[0])
         host, port = _split(self.settings.grpc_listen_address)
         if port == 0:  # every worker must bind the same port: choose it here
             port = _free_port(host.strip("[]"))
@@ -112,7 +164,8 @@ class Supervisor:
         return env
 
     def _spawn(self, index: int) -> None:
-        proc = subprocess.Popen(self.command, env=self._worker_env(index))
+        lifeline = self._lifeline[:1] if self._lifeline else ()
+        proc = subprocess.Popen(self.command, env=self._worker_env(index), pass_fds=lifeline)
         self.workers[index] = proc
         log.info("supervisor: worker %d started (pid %d)", index, proc.pid)
 
@@ -185,5 +238,7 @@ class Supervisor:
         finally:
             self._drain()
             self._local = self._local_server = None
+            for fd in self._lifeline or ():
+                os.close(fd)
         log.info("supervisor: stopped")
         return code
