@@ -219,7 +219,8 @@ class OpenAICompatProvider:
             if response.status != 200:
                 raise await self._error(response, body["model"])
             decoder = SSEDecoder(self.name, body["model"])
-            async for data in response.iter_chunks():
+            receive = response.receive
+            while not decoder.done and (data := await receive()):
                 # Text that arrived in one read is one delta (joined by the decoder): nothing waits
                 # for it, and under load the per-message cost is paid once per read, not per token.
                 # Tool-call fragments pass as they came, in order with the text around them.
@@ -227,8 +228,6 @@ class OpenAICompatProvider:
                     yield item
                 if decoder.error is not None:
                     raise decoder.error
-                if decoder.done:
-                    break
             end = decoder.end()
             await response.drain(_DRAIN_AFTER_DONE_S)
             yield end

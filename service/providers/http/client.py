@@ -91,20 +91,30 @@ class Response:
             parts.append(piece)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def iter_chunks(self) -> AsyncIterator[bytes]:
-        """Body bytes as they arrive (chunked framing already removed)."""
+    async def receive(self) -> bytes:
+        """The body bytes that arrived since the last call (chunked framing already removed),
+        waiting for some when none did; ``b""`` once the body has ended. Raises what broke the
+        connection. The caller closes the response.
+
+        A plain coroutine rather than an async generator: a caller that stops early (SSE
+        ``[DONE]``) leaves no unfinished generator for the event loop to close in a task of its own.
+        """
         conn = self._conn
+        while True:
+            data = conn.take()
+            if data:
+                return data
+            if conn.complete:
+                return b""
+            if conn.error is not None:
+                raise conn.error
+            await conn.wait()
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        """Body bytes as they arrive (chunked framing already removed); closes the response."""
         try:
-            while True:
-                data = conn.take()
-                if data:
-                    yield data
-                    continue
-                if conn.complete:
-                    break
-                if conn.error is not None:
-                    raise conn.error
-                await conn.wait()
+            while data := await self.receive():
+                yield data
         finally:
             self.close()
 
@@ -112,14 +122,16 @@ class Response:
         """Reads what is left of the body (e.g. the last chunk after SSE ``[DONE]``) for at most
         ``timeout_s`` so the connection can be reused; closes it otherwise."""
         conn = self._conn
-        try:
-            async with asyncio.timeout(timeout_s):
-                while not conn.complete and conn.error is None:
-                    conn.take()
-                    await conn.wait()
-                conn.take()
-        except TimeoutError:
-            pass
+        # Usually the body's end came in the same read as [DONE]: then no timer is armed.
+        if not conn.complete and conn.error is None:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    while not conn.complete and conn.error is None:
+                        conn.take()
+                        await conn.wait()
+            except TimeoutError:
+                pass
+        conn.take()
         self.close()
 
     def close(self) -> None:
