@@ -64,7 +64,8 @@ def request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
 
 
 class CallAccount:
-    """One chat RPC's budget hold and ledger record (an async context manager around the call)."""
+    """One chat RPC's budget hold and ledger record (a context manager around the call; entering
+    and leaving never wait, so it is a plain one, not async)."""
 
     def __init__(self, router: Router, rpc: str, request: ChatRequest, context: grpc.aio.ServicerContext[Any, Any]):
         self.router = router
@@ -81,7 +82,7 @@ class CallAccount:
         self._wall = datetime.datetime.now(datetime.UTC)
         self._stats: RpcStats | None = current_rpc.get()
 
-    async def __aenter__(self) -> CallAccount:
+    def __enter__(self) -> CallAccount:
         # Trailing, not initial, metadata: setting it costs nothing, while a separate send of
         # initial metadata cost ~40 us of CPU per call (bench/floor_cost.py). The telemetry
         # interceptor appends its own trailers to it.
@@ -129,9 +130,7 @@ class CallAccount:
             out.append((slot.name, model or slot.provider.default_model))
         return out
 
-    async def __aexit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if kind is not None and self.code is grpc.StatusCode.OK:
             # A GatewayError's code is set by the servicer before it re-raises; what is left is the
             # caller going away (or a bug).

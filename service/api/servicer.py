@@ -60,9 +60,8 @@ def _usage(u: Usage) -> pb.Usage:
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(int(seconds * 1e9))
-    return d
+    nanos = max(0, int(seconds * 1e9))  # built directly: FromNanoseconds is Python-level and slower
+    return duration_pb2.Duration(seconds=nanos // 1_000_000_000, nanos=nanos % 1_000_000_000)
 
 
 def _attempts(attempts: tuple[Attempt, ...]) -> list[pb.Attempt]:
@@ -128,7 +127,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
     async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.ChatResponse:
         """Unary chat."""
         account = CallAccount(self.router, "Chat", ChatRequest((), model=request.model or None), context)
-        async with account:
+        with account:
             try:
                 domain, policy = to_domain(request, self.settings)
                 account.request = domain
@@ -155,52 +154,50 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
     ) -> AsyncIterator[pb.ChatStreamResponse]:
         """Streaming chat: deltas as they arrive, then one final message."""
         account = CallAccount(self.router, "ChatStream", ChatRequest((), model=request.model or None), context)
-        async with account:
-            async for response in self._chat_stream(request, context, account):
-                yield response
-
-    async def _chat_stream(
-        self, request: pb.ChatStreamRequest, context: grpc.aio.ServicerContext[Any, Any], account: CallAccount
-    ) -> AsyncIterator[pb.ChatStreamResponse]:
-        try:
-            domain, policy = to_domain(request, self.settings)
-            account.request = domain
-            await account.reserve(request)
-        except GatewayError as exc:
-            account.code = code_for(exc)
-            await context.abort_with_status(to_grpc_status(exc))
-            return
-        metrics.stream_started()
-        Delta = pb.ChatStreamDelta
-        Response = pb.ChatStreamResponse
-        try:
-            providers = allowed_providers()
-            async with aclosing(self.router.stream(domain, _deadline(context), policy, providers=providers)) as events:
-                async for item in events:
-                    if isinstance(item, str):
-                        yield Response(delta=Delta(text=item))
-                    elif isinstance(item, ToolCallDelta):
-                        yield Response(delta=Delta(tool_calls=[_tool_call_delta(item)]))
-                    else:
-                        assert isinstance(item, RoutedEnd)
-                        end = item.end
-                        account.served_model = end.model
-                        yield Response(
-                            final=pb.ChatStreamFinal(
-                                id=end.id,
-                                model=end.model,
-                                finish_reason=_FINISH[end.finish_reason],
-                                usage=_usage(end.usage),
-                                provider=item.provider,
-                                attempts=_attempts(item.attempts),
-                                message=_assistant(item.text, item.tool_calls),
+        with account:
+            try:
+                domain, policy = to_domain(request, self.settings)
+                account.request = domain
+                await account.reserve(request)
+            except GatewayError as exc:
+                account.code = code_for(exc)
+                await context.abort_with_status(to_grpc_status(exc))
+                return
+            # One generator for the whole stream (no inner one per call): every message passes
+            # through each generator layer between the provider and grpc.
+            metrics.stream_started()
+            Delta = pb.ChatStreamDelta
+            Response = pb.ChatStreamResponse
+            try:
+                providers = allowed_providers()
+                async with aclosing(
+                    self.router.stream(domain, _deadline(context), policy, providers=providers)
+                ) as events:
+                    async for item in events:
+                        if isinstance(item, str):
+                            yield Response(delta=Delta(text=item))
+                        elif isinstance(item, ToolCallDelta):
+                            yield Response(delta=Delta(tool_calls=[_tool_call_delta(item)]))
+                        else:
+                            assert isinstance(item, RoutedEnd)
+                            end = item.end
+                            account.served_model = end.model
+                            yield Response(
+                                final=pb.ChatStreamFinal(
+                                    id=end.id,
+                                    model=end.model,
+                                    finish_reason=_FINISH[end.finish_reason],
+                                    usage=_usage(end.usage),
+                                    provider=item.provider,
+                                    attempts=_attempts(item.attempts),
+                                    message=_assistant(item.text, item.tool_calls),
+                                )
                             )
-                        )
-        except GatewayError as exc:
-            account.code = code_for(exc)
-            await context.abort_with_status(to_grpc_status(exc))
-        finally:
-            metrics.stream_ended()
+            except GatewayError as exc:
+                account.code = code_for(exc)
+                await context.abort_with_status(to_grpc_status(exc))
+            finally:
+                metrics.stream_ended()
 
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.HealthResponse:
         """Overall status plus one entry per provider."""

@@ -107,6 +107,16 @@ class _Context:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
 
+    # The methods every chat call uses, delegated directly (``__getattr__`` is the slow path).
+    def invocation_metadata(self) -> Any:
+        return self._context.invocation_metadata()
+
+    def time_remaining(self) -> float | None:
+        return self._context.time_remaining()  # type: ignore[no-any-return]
+
+    def set_trailing_metadata(self, trailing_metadata: Any) -> None:
+        self._context.set_trailing_metadata(trailing_metadata)
+
     async def abort_with_status(self, status: grpc.Status) -> None:
         trailers = (*(status.trailing_metadata or ()), *self._call.trailers())
         await self._context.abort_with_status(_Status(status.code, status.details, trailers))

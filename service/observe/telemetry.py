@@ -37,7 +37,13 @@ tracer = trace.get_tracer("inference-gateway")
 def tracing_enabled() -> bool:
     """Whether an SDK tracer provider is installed. Without one every span would be a no-op, so
     the hot path skips building them (attribute dicts, context attach) altogether."""
-    return not isinstance(trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+    try:
+        # The API's module state: get_tracer_provider() reads os.environ on every call until a
+        # provider is installed (~1 us, several times per RPC on a gateway without tracing).
+        provider = trace._TRACER_PROVIDER
+    except AttributeError:  # a future API without the module global: the public, slower way
+        provider = trace.get_tracer_provider()
+    return provider is not None and not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
 
 
 # gen_ai.provider.name: the semantic conventions' value where one exists (anthropic), else the

@@ -6,8 +6,9 @@ Budgets and reports share one calendar: the month is the UTC calendar month, and
 
 from __future__ import annotations
 
+import itertools
 import math
-import uuid
+import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -28,6 +29,13 @@ MAX_TAG_VALUE_CHARS = 256
 MAX_TEXT_CHARS = 256  # ids, names and outcomes: anything longer is truncated, never refused
 MAX_ATTEMPTS = 32
 _INT64_MAX = 2**63 - 1
+
+
+# Record ids: a random 64-bit prefix per process and a counter. Unique across processes and
+# restarts like a uuid4, without a syscall per call, and ids of one process sort in insertion
+# order, so the primary-key index grows at its end instead of splitting pages at random.
+_ID_PREFIX = secrets.token_hex(8)
+_ids = itertools.count(1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +97,7 @@ class UsageRecord:
     cost_usd: float = 0.0
     tags: tuple[tuple[str, str], ...] = ()
     kind: RecordKind = "call"
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=lambda: f"{_ID_PREFIX}{next(_ids):012x}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +211,7 @@ def to_row(rec: UsageRecord) -> dict[str, Any]:
     return {
         "id": _text(rec.id, 64),
         "ts": ts,
-        "day": ts.strftime("%Y-%m-%d"),
+        "day": f"{ts.year:04d}-{ts.month:02d}-{ts.day:02d}",
         "kind": "idle" if rec.kind == "idle" else "call",
         "tenant": _text(rec.tenant),
         "request_id": _text(rec.request_id),
