@@ -148,6 +148,101 @@ async def test_tokens_settle_and_concurrency_slots(redis_prefix: tuple[str, str]
         await s._redis.aclose()
 
 
+class RoundTrips:
+    """Counts redis-py's socket writes (one command or one pipeline each: a round trip)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import redis.asyncio.connection as aioconn
+
+        self.count = 0
+        original = aioconn.AbstractConnection.send_packed_command
+
+        async def counted(conn: object, command: object, check_health: bool = True) -> None:
+            self.count += 1
+            await original(conn, command, check_health)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(aioconn.AbstractConnection, "send_packed_command", counted)
+
+
+async def test_concurrent_calls_share_round_trips_and_stay_exact(
+    redis_prefix: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, prefix = redis_prefix
+    store = RedisLimits(SharedRedis(url, prefix))
+    p = policy(rpm=1000, tpm=100_000, max_concurrent=51)
+    assert isinstance(await store.acquire(p, 1), Grant)  # opens the connection before counting
+    trips = RoundTrips(monkeypatch)
+
+    async def call() -> None:
+        grant = await store.acquire(p, 600)
+        assert isinstance(grant, Grant)
+        await asyncio.sleep(0)
+        await store.settle(grant, 100)
+
+    await asyncio.gather(*(call() for _ in range(50)))
+    # 100 scripts in far fewer round trips, and the books are exact: every slot is free, every
+    # call charged 100 tokens (plus the first call's 1, unsettled), give or take the refill.
+    assert trips.count < 50, trips.count
+    client = redis.Redis.from_url(url)
+    assert client.zcard(f"{prefix}lim:{{t}}:open") == 1  # the first grant's, never settled
+    level = float(client.hget(f"{prefix}lim:{{t}}:tpm", "level") or 0)
+    assert 100_000 - 50 * 100 - 1 <= level < 100_000 - 50 * 100 - 1 + 100, level
+    await store._redis.aclose()
+
+
+async def test_a_settle_and_an_acquire_sent_together_run_in_order(redis_prefix: tuple[str, str]) -> None:
+    url, prefix = redis_prefix
+    store = RedisLimits(SharedRedis(url, prefix))
+    p = policy(max_concurrent=1)
+    first = await store.acquire(p, 0)
+    assert isinstance(first, Grant)
+    blocker = asyncio.ensure_future(store.acquire(policy(tenant="other"), 0))  # a round trip in flight
+    await asyncio.sleep(0)
+    # Both wait for the one in flight and go in one pipeline: the slot is free when the acquire runs.
+    _, second = await asyncio.gather(store.settle(first, 0), store.acquire(p, 0))
+    assert isinstance(second, Grant), second
+    assert isinstance(await store.acquire(p, 0), Refusal)
+    await blocker
+    await store._redis.aclose()
+
+
+async def test_a_cancelled_caller_does_not_strand_the_others(redis_prefix: tuple[str, str]) -> None:
+    url, prefix = redis_prefix
+    store = RedisLimits(SharedRedis(url, prefix))
+    p = policy(rpm=100)
+    tasks = [asyncio.ensure_future(store.acquire(p, 0)) for _ in range(20)]
+    await asyncio.sleep(0)
+    tasks[5].cancel()  # queued behind the first round trip
+    done = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+    assert isinstance(done[5], asyncio.CancelledError)
+    assert all(isinstance(g, Grant) for i, g in enumerate(done) if i != 5)
+    await store._redis.aclose()
+
+
+async def test_batched_scripts_after_a_restart_and_during_an_outage(tmp_path: Path) -> None:
+    server = PrivateRedis(tmp_path)
+    server.start()
+    store = RedisLimits(SharedRedis(server.url, "x:"))
+    p = policy(rpm=100, max_concurrent=100)
+    try:
+        first = await store.acquire(p, 0)
+        assert isinstance(first, Grant)
+        # A restarted Redis has no scripts: the cancel (alone, first) loads its own; the acquires
+        # queued behind it go in one pipeline whose EVALSHAs fail with NOSCRIPT, and each is loaded
+        # and run again; the grants are Redis's (an ident), not the local fallback's.
+        redis.Redis.from_url(server.url).script_flush()
+        _, *got = await asyncio.gather(store.cancel(first), *(store.acquire(p, 0) for _ in range(10)))
+        assert all(isinstance(g, Grant) and g.ident for g in got), got
+        assert store._redis.down is False
+        # Redis gone: every caller of a failed pipeline falls back to the local buckets, none hangs.
+        server.stop()
+        got = await asyncio.wait_for(asyncio.gather(*(store.acquire(p, 0) for _ in range(10))), 5)
+        assert all(isinstance(g, Grant) and not g.ident for g in got), got
+    finally:
+        await store._redis.aclose()
+        server.stop()
+
+
 # ---- processes sharing Redis ----------------------------------------------------------------
 
 

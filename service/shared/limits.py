@@ -7,6 +7,15 @@ race can grant more than the limit. Time is Redis's own (``TIME``), so replicas'
 disagree about a refill. A bucket key expires once it would be full again (a missing key *is* a
 full bucket), so idle tenants cost no memory.
 
+Round trips: an acquire is one script (requests, tokens and the open-call slot at once), and a
+settle is one more only when it has something to give back (a slot, or tokens other than reserved).
+Neither is deferred or folded into a later call's script: a settle that waited for the next acquire
+would leave every other replica a stale bucket meanwhile (debt not yet charged lets a tenant past
+its tpm; tokens not yet returned refuse a caller who is within it) and a slot held after its call
+answered. What is shared instead is the trip itself: scripts issued while one round trip is out go
+together in the next (:class:`~service.shared.client.ScriptBatcher`), so under load a call costs
+Redis far less than two round trips, and one call alone is never delayed.
+
 Open calls (``max_concurrent``) are a sorted set of grant ids scored by a lease expiry, not a
 counter: a replica that dies holding slots cannot leak them for longer than :data:`SLOT_LEASE_S`.
 
@@ -21,7 +30,7 @@ import uuid
 
 from service.guard.limits import CONCURRENCY_RETRY_S, Grant, InProcessLimits, Refusal
 from service.guard.policy import TenantPolicy
-from service.shared.client import SharedRedis
+from service.shared.client import ScriptBatcher, SharedRedis
 
 # A slot held longer than this is taken to belong to a replica that died mid-call. Calls end well
 # before it: REQUEST_TIMEOUT_S bounds each attempt (120 s by default) and a call makes a few.
@@ -114,6 +123,8 @@ class RedisLimits:
         self._local = local or InProcessLimits()
         self._acquire = shared.script(ACQUIRE)
         self._return = shared.script(RETURN)
+        # Concurrent calls' acquires and settles share round trips; one call alone is not delayed.
+        self._batch = ScriptBatcher(shared.client, lambda: shared.down)
         # rpm and burst of shared grants, for cancel's give-back: the policy may have been reloaded.
         self._rates: dict[str, tuple[int, int]] = {}
 
@@ -140,7 +151,7 @@ class RedisLimits:
             CONCURRENCY_RETRY_S,
         ]
         keys = self._keys(policy.tenant)
-        result = await self._redis.call("acquire", lambda: self._acquire(keys=keys, args=args))
+        result = await self._redis.call("acquire", lambda: self._batch.run(self._acquire, keys, args))
         if result is None:
             return self._local.acquire_now(policy, tokens)
         if int(result[0]) == 0:
@@ -160,7 +171,7 @@ class RedisLimits:
         rpm, burst = self._rates.get(grant.tenant, (0, 0))
         args = [grant.ident, tokens, grant.tpm, int(request), burst, rpm]
         keys = self._keys(grant.tenant)
-        await self._redis.call("settle", lambda: self._return(keys=keys, args=args))
+        await self._redis.call("settle", lambda: self._batch.run(self._return, keys, args))
 
     async def settle(self, grant: Grant, used_tokens: int) -> None:
         """See :class:`~service.guard.limits.LimitStore`."""
