@@ -1,5 +1,10 @@
-"""``python -m service.healthcheck``: the standard grpc.health.v1 Check against this service, for
-container and exec probes. Exit 0 when SERVING, 1 otherwise.
+"""``python -m service.healthcheck [SERVICE]``: the standard grpc.health.v1 Check against this
+service, for container and exec probes. Exit 0 when SERVING, 1 otherwise.
+
+SERVICE is the health name to ask: none (the default) asks the overall status "", which is
+readiness: SERVING only when a call can be served now. ``liveness`` is SERVING while the process
+answers, whatever the providers do: use it for probes that restart the container (a Kubernetes exec
+liveness probe with TLS).
 
 It reads the service's own variables: GRPC_LISTEN_ADDRESS (a wildcard host becomes 127.0.0.1; a
 ``unix:`` socket is dialled as it is) and, when TLS_CERT_FILE is set, speaks TLS trusting
@@ -39,8 +44,8 @@ def target_of(address: str) -> str:
     return f"{host}:{port}"
 
 
-def check(env: Mapping[str, str], timeout_s: float = 4.0) -> bool:
-    """True when the service answers SERVING."""
+def check(env: Mapping[str, str], timeout_s: float = 4.0, service: str = "") -> bool:
+    """True when the health name ``service`` ("" = the overall status) answers SERVING."""
     target = target_of(env.get("GRPC_LISTEN_ADDRESS", "127.0.0.1:50051"))
     if env.get("TLS_CERT_FILE"):
         credentials = grpc.ssl_channel_credentials(
@@ -57,7 +62,7 @@ def check(env: Mapping[str, str], timeout_s: float = 4.0) -> bool:
     with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=timeout_s, metadata=metadata
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s, metadata=metadata
             )
         except grpc.RpcError as exc:
             print(f"health check failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
@@ -66,4 +71,4 @@ def check(env: Mapping[str, str], timeout_s: float = 4.0) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if check(os.environ) else 1)
+    sys.exit(0 if check(os.environ, service=sys.argv[1] if len(sys.argv) > 1 else "") else 1)

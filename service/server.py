@@ -34,6 +34,11 @@ from service.spend import Spend
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+# The grpc.health.v1 name for liveness probes (the name Kubernetes' probe docs suggest). It is
+# SERVING from start to graceful shutdown whatever the providers do: answering at all shows the
+# process and its event loop are alive, and a restart cannot bring an upstream back. Readiness is
+# "" and SERVICE_NAME, which follow the providers (_publish_health).
+LIVENESS_SERVICE = "liveness"
 
 
 class CatalogueScope:
@@ -196,6 +201,8 @@ class Gateway:
             InferenceServicer(self.router, self.settings, self.in_flight), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        # Set once; enter_graceful_shutdown (stop) turns it NOT_SERVING with the others.
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
         )
@@ -216,7 +223,8 @@ class Gateway:
         return self.port
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """NOT_SERVING first (load balancers stop sending), then drain, then close providers."""
+        """NOT_SERVING first, for every health name including liveness (load balancers stop
+        sending), then drain, then close providers."""
         await self.health.enter_graceful_shutdown()
         if self._watcher is not None:
             await self._watcher.stop()
