@@ -58,6 +58,7 @@ from service.providers.base import (
 from service.routing.assemble import Assembler, schema_violation
 from service.routing.catalogue import CatalogueEntry, default_catalogue, load_catalogue
 from service.routing.health import CircuitBreaker, HealthMonitor, HealthState, ProviderSlot
+from service.routing.idle import IdleTimeout
 from service.routing.planner import Plan, SlotView, Step, plan, serves
 from service.spend import Charge, Spend
 
@@ -612,7 +613,6 @@ class Router:
         """
         call = self._call(request, deadline, policy, "Chat", providers)
         idle_s = self.settings.stream_idle_timeout_s
-        loop = asyncio.get_running_loop()
         with call.trace.scope(), self._accounted(call):
             async for slot, step, n in self._walk(call, request):
                 sent_request = self._for(slot, request, call.entry)
@@ -625,14 +625,19 @@ class Router:
                 answer = Assembler()
                 waited = time.perf_counter()
                 try:
-                    async with aclosing(gen) as events, asyncio.timeout(None) as idle:
-                        while not isinstance(item, StreamEnd):
-                            if isinstance(item, str):
-                                answer.text_delta(item)
-                            else:
-                                answer.tool_delta(item)
-                            idle.reschedule(loop.time() + idle_s)
-                            item = await anext(events)
+                    with IdleTimeout(idle_s) as idle:
+                        async with aclosing(gen) as events:
+                            while not isinstance(item, StreamEnd):
+                                if isinstance(item, str):
+                                    answer.text_delta(item)
+                                else:
+                                    answer.tool_delta(item)
+                                idle.waiting()
+                                try:
+                                    item = await anext(events)
+                                except asyncio.CancelledError as exc:
+                                    idle.expired(exc)  # raises TimeoutError when it was the idle timeout
+                                    raise
                 except asyncio.CancelledError:
                     self._charge_done(call, sent_request.model or slot.provider.default_model)
                     slot.breaker.release_probe()
@@ -703,35 +708,39 @@ class Router:
             slot, gen, item = serving
             sent = 0
             answer = Assembler()
-            loop = asyncio.get_running_loop()
             idle_s = self.settings.stream_idle_timeout_s
             try:
-                async with aclosing(gen) as events, asyncio.timeout(None) as idle:
-                    while True:
-                        if isinstance(item, StreamEnd):
-                            self._charge_done(call, item.model, item.usage)
-                            violation = self._schema_error(slot, request, answer)
-                            if violation is not None:
-                                raise violation
-                            self._record(call, slot, None, started)
-                            span.succeeded(item.id, item.model, item.finish_reason.value, item.usage)
-                            call.trace.served(slot.name, len(call.attempts))
-                            call.served(slot.name, item.usage.prompt_tokens, item.usage.completion_tokens)
-                            yield RoutedEnd(item, slot.name, tuple(call.attempts), answer.text, answer.tool_calls())
-                            return
-                        if isinstance(item, str):
-                            answer.text_delta(item)
-                            if call.stats is not None:
-                                call.stats.relayed_chars += len(item)
-                        else:
-                            answer.tool_delta(item)
-                        sent += 1
-                        yield item
-                        idle.reschedule(loop.time() + idle_s)
-                        waited = time.perf_counter()
-                        item = await anext(events)
-                        upstream_s += time.perf_counter() - waited
-                        idle.reschedule(None)
+                with IdleTimeout(idle_s) as idle:
+                    async with aclosing(gen) as events:
+                        while True:
+                            if isinstance(item, StreamEnd):
+                                self._charge_done(call, item.model, item.usage)
+                                violation = self._schema_error(slot, request, answer)
+                                if violation is not None:
+                                    raise violation
+                                self._record(call, slot, None, started)
+                                span.succeeded(item.id, item.model, item.finish_reason.value, item.usage)
+                                call.trace.served(slot.name, len(call.attempts))
+                                call.served(slot.name, item.usage.prompt_tokens, item.usage.completion_tokens)
+                                yield RoutedEnd(item, slot.name, tuple(call.attempts), answer.text, answer.tool_calls())
+                                return
+                            if isinstance(item, str):
+                                answer.text_delta(item)
+                                if call.stats is not None:
+                                    call.stats.relayed_chars += len(item)
+                            else:
+                                answer.tool_delta(item)
+                            sent += 1
+                            yield item
+                            idle.waiting()
+                            waited = time.perf_counter()
+                            try:
+                                item = await anext(events)
+                            except asyncio.CancelledError as exc:
+                                idle.expired(exc)  # raises TimeoutError when it was the idle timeout
+                                raise
+                            upstream_s += time.perf_counter() - waited
+                            idle.idle()
             except (asyncio.CancelledError, GeneratorExit):
                 slot.breaker.release_probe()  # the caller went away: no verdict on the provider
                 self._charge_done(call, slot.provider.default_model, relayed_chars=len(answer.text))
