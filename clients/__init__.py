@@ -2,7 +2,9 @@
 
 ``AsyncInferenceClient`` (asyncio) and ``InferenceClient`` (blocking) offer the same calls and
 options (:class:`ChatOptions`); the target, API key and CA default to ``INFERENCE_TARGET``,
-``INFERENCE_API_KEY`` and ``INFERENCE_CA_FILE``. Errors are this package's own
+``INFERENCE_API_KEY`` and ``INFERENCE_CA_FILE``; ``load_balancing="round_robin"`` (or
+``INFERENCE_LOAD_BALANCING``) spreads calls over every replica a target such as
+``dns:///name:port`` resolves to. Errors are this package's own
 (:class:`InferenceError` and subclasses): callers never import grpc. ``python -m clients`` is
 the command line.
 

@@ -31,6 +31,7 @@ class ClientBase:
         certificate_chain: bytes | None = None,
         tls: bool | None = None,
         server_name: str | None = None,
+        load_balancing: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         retry: RetryPolicy | None = None,
         env: Mapping[str, str] | None = None,
@@ -46,12 +47,15 @@ class ClientBase:
             certificate_chain: Client certificate PEM, for mutual TLS.
             tls: TLS with the system's roots, without a CA of your own.
             server_name: Name to check the server certificate against.
+            load_balancing: ``"round_robin"`` spreads calls over every address the target resolves
+                to (replicas behind ``dns:///`` a headless Service, or ``ipv4:a:p,b:p``);
+                ``INFERENCE_LOAD_BALANCING`` when None, else gRPC's ``pick_first`` (one address).
             timeout_s: Default timeout of a whole call, retries included.
             retry: Default retry policy; ``RetryPolicy()`` when None.
             env: Where the ``INFERENCE_*`` defaults are read; ``os.environ`` when None.
 
         Raises:
-            ClientConfigError: The CA file cannot be read.
+            ClientConfigError: The CA file cannot be read, or the load-balancing policy is unknown.
         """
         self.connection: Connection = resolve_connection(
             target,
@@ -62,6 +66,7 @@ class ClientBase:
             certificate_chain=certificate_chain,
             tls=tls,
             server_name=server_name,
+            load_balancing=load_balancing,
             env=env,
         )
         self.timeout_s = timeout_s

@@ -1,9 +1,9 @@
 """``python -m clients``: chat, the model catalogue, health, provider status and usage from a shell.
 
-Connection options (``--target``, ``--api-key``, ``--ca``, ``--server-name``, ``--timeout``) go
-anywhere on the line, before or after the subcommand, and default to ``INFERENCE_TARGET``,
-``INFERENCE_API_KEY`` and ``INFERENCE_CA_FILE``. Exit codes: 0 ok, 1 the call failed, 2 bad
-usage or configuration, 130 interrupted (Ctrl-C).
+Connection options (``--target``, ``--api-key``, ``--ca``, ``--server-name``, ``--lb``, ``--timeout``)
+go anywhere on the line, before or after the subcommand, and default to ``INFERENCE_TARGET``,
+``INFERENCE_API_KEY``, ``INFERENCE_CA_FILE`` and ``INFERENCE_LOAD_BALANCING``. Exit codes: 0 ok, 1 the
+call failed, 2 bad usage or configuration, 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -21,7 +21,14 @@ from google.protobuf import json_format
 
 from clients import __version__, usage_cli
 from clients.agent import image_url, tool_message
-from clients.connection import API_KEY_ENV, CA_FILE_ENV, DEFAULT_TARGET, TARGET_ENV
+from clients.connection import (
+    API_KEY_ENV,
+    CA_FILE_ENV,
+    DEFAULT_TARGET,
+    LOAD_BALANCING_ENV,
+    LOAD_BALANCING_POLICIES,
+    TARGET_ENV,
+)
 from clients.errors import ClientConfigError, InferenceError
 from clients.options import DEFAULT_TIMEOUT_S, ChatOptions, RetryPolicy
 from clients.sync_client import InferenceClient
@@ -59,10 +66,11 @@ TOP_EXAMPLES = f"""examples:
   python -m clients chat "Say hello" --stream
   python -m clients models
   python -m clients health --target 127.0.0.1:50051
+  python -m clients chat "Hi" --target dns:///gateway-headless:50051 --lb round_robin   # every replica
   python -m clients usage --by provider,day --since 2026-11-01 --plot usage.png
   python -m clients --version
 
-environment: {TARGET_ENV} (default {DEFAULT_TARGET}), {API_KEY_ENV}, {CA_FILE_ENV}
+environment: {TARGET_ENV} (default {DEFAULT_TARGET}), {API_KEY_ENV}, {CA_FILE_ENV}, {LOAD_BALANCING_ENV}
 """
 
 
@@ -98,6 +106,7 @@ def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         api_key=getattr(args, "api_key", None),
         ca_file=getattr(args, "ca", None),
         server_name=getattr(args, "server_name", None),
+        load_balancing=getattr(args, "lb", None),
         timeout_s=getattr(args, "timeout", DEFAULT_TIMEOUT_S),
         retry=retry,
         env=env,
@@ -308,6 +317,13 @@ def _connection_options() -> argparse.ArgumentParser:
         help=f"PEM of the CA that signed the server certificate; turns TLS on (default ${CA_FILE_ENV})",
     )
     group.add_argument("--server-name", default=argparse.SUPPRESS, help="name to check the certificate against")
+    group.add_argument(
+        "--lb",
+        choices=LOAD_BALANCING_POLICIES,
+        default=argparse.SUPPRESS,
+        help=f"round_robin spreads calls over every address the target resolves to (default ${LOAD_BALANCING_ENV}, "
+        "else pick_first: one address)",
+    )
     group.add_argument(
         "--timeout",
         type=float,

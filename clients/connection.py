@@ -1,12 +1,14 @@
 """Where and how a client connects: arguments first, then ``INFERENCE_*`` environment variables.
 
-``INFERENCE_TARGET`` (host:port), ``INFERENCE_API_KEY`` (bearer token) and ``INFERENCE_CA_FILE``
-(PEM of the CA that signed the server's certificate; turns TLS on) are the defaults of both
+``INFERENCE_TARGET`` (host:port), ``INFERENCE_API_KEY`` (bearer token), ``INFERENCE_CA_FILE``
+(PEM of the CA that signed the server's certificate; turns TLS on) and ``INFERENCE_LOAD_BALANCING``
+(``round_robin`` spreads calls over every address a target resolves to) are the defaults of both
 clients and the CLI, so a script and a shell share one configuration.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +23,11 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 TARGET_ENV = "INFERENCE_TARGET"
 API_KEY_ENV = "INFERENCE_API_KEY"
 CA_FILE_ENV = "INFERENCE_CA_FILE"
+LOAD_BALANCING_ENV = "INFERENCE_LOAD_BALANCING"
+
+LOAD_BALANCING_POLICIES = ("pick_first", "round_robin")
+"""gRPC's built-in policies: ``pick_first`` (gRPC's default) sends every call over one connection to
+the first address that answers; ``round_robin`` connects to every address and spreads calls."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +42,8 @@ class Connection:
         certificate_chain: Client certificate PEM, for mutual TLS.
         tls: Connect with TLS.
         server_name: Name to check the server's certificate against, if not the target's host.
+        load_balancing: A policy of :data:`LOAD_BALANCING_POLICIES`, or None for gRPC's default
+            (``pick_first``). Only matters for a target that resolves to several addresses.
     """
 
     target: str
@@ -44,6 +53,7 @@ class Connection:
     certificate_chain: bytes | None = field(default=None, repr=False)
     tls: bool = False
     server_name: str | None = None
+    load_balancing: str | None = None
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -53,7 +63,13 @@ class Connection:
     @property
     def options(self) -> list[tuple[str, str]]:
         """Channel options."""
-        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+        options = [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+        if self.load_balancing:
+            # The channel's default service config, the way gRPC documents choosing a policy; the
+            # older "grpc.lb_policy_name" argument loses to any service config the resolver returns.
+            config = json.dumps({"loadBalancingConfig": [{self.load_balancing: {}}]})
+            options.append(("grpc.service_config", config))
+        return options
 
     def credentials(self) -> grpc.ChannelCredentials:
         """TLS credentials (call only when ``tls``)."""
@@ -70,6 +86,7 @@ def resolve_connection(
     certificate_chain: bytes | None = None,
     tls: bool | None = None,
     server_name: str | None = None,
+    load_balancing: str | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Connection:
     """Fills what the caller left out from the environment.
@@ -84,13 +101,16 @@ def resolve_connection(
         certificate_chain: Client certificate PEM (mutual TLS).
         tls: TLS with the system roots; TLS is on anyway whenever a CA is given.
         server_name: Certificate name override.
+        load_balancing: ``round_robin`` or ``pick_first``; ``INFERENCE_LOAD_BALANCING`` when None,
+            else gRPC's default (``pick_first``).
         env: Where to read the defaults; ``os.environ`` when None.
 
     Returns:
         The connection.
 
     Raises:
-        ClientConfigError: The CA file cannot be read; the message names it and where it came from.
+        ClientConfigError: The CA file cannot be read, or the load-balancing policy is unknown; the
+            message names the value and where it came from.
     """
     environ = os.environ if env is None else env
     resolved_target = target or environ.get(TARGET_ENV, "").strip() or DEFAULT_TARGET
@@ -99,6 +119,7 @@ def resolve_connection(
         source = "--ca / ca_file" if ca_file is not None else CA_FILE_ENV
         path = os.fspath(ca_file) if ca_file is not None else environ.get(CA_FILE_ENV, "").strip()
         root_certificates = _read_ca(path, source) if path else None
+    policy = _policy(load_balancing, environ)
     return Connection(
         target=resolved_target,
         api_key=key or None,
@@ -107,7 +128,18 @@ def resolve_connection(
         certificate_chain=certificate_chain,
         tls=bool(tls) or root_certificates is not None,
         server_name=server_name,
+        load_balancing=policy,
     )
+
+
+def _policy(load_balancing: str | None, environ: Mapping[str, str]) -> str | None:
+    source = "--lb / load_balancing" if load_balancing is not None else LOAD_BALANCING_ENV
+    policy = (environ.get(LOAD_BALANCING_ENV, "") if load_balancing is None else load_balancing).strip()
+    if policy and policy not in LOAD_BALANCING_POLICIES:
+        raise ClientConfigError(
+            f"unknown load-balancing policy {policy!r} (from {source}); use one of {', '.join(LOAD_BALANCING_POLICIES)}"
+        )
+    return policy or None
 
 
 def _read_ca(path: str, source: str) -> bytes:
