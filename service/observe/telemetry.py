@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -85,6 +85,9 @@ class RpcStats:
 current_rpc: ContextVar[RpcStats | None] = ContextVar("current_rpc", default=None)
 
 
+_NOTHING = nullcontext()
+
+
 class AttemptSpan:
     """The CLIENT span of one provider attempt, with GenAI semantic-convention attributes."""
 
@@ -131,12 +134,14 @@ class AttemptSpan:
         ctx = trace.set_span_in_context(parent)
         self.span = tracer.start_span(f"chat {model}", context=ctx, kind=SpanKind.CLIENT, attributes=attrs)
 
-    @contextmanager
-    def current(self) -> Iterator[None]:
+    def current(self) -> AbstractContextManager[None]:
         """Attaches this span around awaits that send the upstream request (traceparent)."""
         if self.span is trace.INVALID_SPAN:
-            yield
-            return
+            return _NOTHING  # tracing off: no generator-based context manager per call
+        return self._attached()
+
+    @contextmanager
+    def _attached(self) -> Iterator[None]:
         token = otel_context.attach(trace.set_span_in_context(self.span))
         try:
             yield
@@ -154,6 +159,20 @@ class AttemptSpan:
     def succeeded(self, response_id: str, model: str, finish_reason: str, usage: Usage) -> None:
         """Records the response attributes, and the usage when the upstream reported any."""
         reported = usage.total_tokens > 0  # an upstream that reports nothing leaves both at 0: unknown
+        if self.span.is_recording():
+            self._response_attributes(response_id, model, finish_reason, usage, reported)
+        metrics.record_attempt(
+            self._provider.name,
+            self._system,
+            self._model,
+            time.perf_counter() - self._started,
+            None,
+            usage if reported else None,
+        )
+
+    def _response_attributes(
+        self, response_id: str, model: str, finish_reason: str, usage: Usage, reported: bool
+    ) -> None:
         attrs: dict[str, Any] = {
             "gen_ai.response.id": response_id,
             "gen_ai.response.model": model,
@@ -163,14 +182,6 @@ class AttemptSpan:
             attrs["gen_ai.usage.input_tokens"] = usage.prompt_tokens
             attrs["gen_ai.usage.output_tokens"] = usage.completion_tokens
         self.span.set_attributes(attrs)
-        metrics.record_attempt(
-            self._provider.name,
-            self._system,
-            self._model,
-            time.perf_counter() - self._started,
-            None,
-            usage if reported else None,
-        )
 
     def failed(self, error: Exception | None) -> None:
         """Marks the attempt failed with ``error.type`` = the error's reason."""
@@ -209,13 +220,12 @@ class RouteTrace:
             },
         )
 
-    @contextmanager
-    def scope(self) -> Iterator[RouteTrace]:
-        """Ends the routing span when the call ends (never attached: see module docstring)."""
-        try:
-            yield self
-        finally:
-            self.span.end()
+    def __enter__(self) -> RouteTrace:
+        """``with trace:`` ends the routing span when the call ends (never attached: see module docstring)."""
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.span.end()
 
     def attempt(self, provider: Provider, request: ChatRequest, retry: int, wait_cold: bool) -> AttemptSpan:
         """Starts an attempt span as a child of the routing span."""

@@ -13,13 +13,12 @@ would corrupt it silently.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import datetime
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -560,20 +559,19 @@ class Router:
         if call.stats is not None:
             call.stats.wait_s += time.perf_counter() - since
 
-    @contextlib.contextmanager
-    def _accounted(self, call: _Call) -> Iterator[None]:
+    def _accounted(self, call: _Call) -> _Accounted:
         """On the way out, whatever happened: the open charge ends, and the RPC's stats get the
         call's cost and every attempt's outcome (the servicer writes them to the ledger)."""
-        try:
-            yield
-        finally:
-            self._charge_done(call)
-            if call.stats is not None:
-                call.stats.cost_usd = call.cost_usd
-                call.stats.ttft_s = call.ttft_s
-                call.stats.attempt_outcomes = tuple(
-                    (a.provider, "ok" if a.error is None else a.error.reason) for a in call.attempts
-                )
+        return _Accounted(self, call)
+
+    def _settle(self, call: _Call) -> None:
+        self._charge_done(call)
+        if call.stats is not None:
+            call.stats.cost_usd = call.cost_usd
+            call.stats.ttft_s = call.ttft_s
+            call.stats.attempt_outcomes = tuple(
+                (a.provider, "ok" if a.error is None else a.error.reason) for a in call.attempts
+            )
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -613,7 +611,7 @@ class Router:
         """
         call = self._call(request, deadline, policy, "Chat", providers)
         idle_s = self.settings.stream_idle_timeout_s
-        with call.trace.scope(), self._accounted(call):
+        with call.trace, self._accounted(call):
             async for slot, step, n in self._walk(call, request):
                 sent_request = self._for(slot, request, call.entry)
                 gen = slot.provider.stream(sent_request)
@@ -689,7 +687,7 @@ class Router:
         """
         call = self._call(request, deadline, policy, "ChatStream", providers)
         upstream_s = 0.0  # time awaiting the provider mid-stream; the rest of the call is the gateway's
-        with call.trace.scope(), self._accounted(call):
+        with call.trace, self._accounted(call):
             serving: tuple[ProviderSlot, AsyncGenerator[StreamItem, None], StreamItem] | None = None
             async for slot, step, n in self._walk(call, request):
                 sent_request = self._for(slot, request, call.entry)
@@ -768,6 +766,23 @@ class Router:
                 span.end()
                 if call.stats is not None:
                     call.stats.upstream_s += upstream_s
+
+
+class _Accounted:
+    """The context manager of :meth:`Router._accounted` (a class: a generator-based one costs
+    more per call)."""
+
+    __slots__ = ("_call", "_router")
+
+    def __init__(self, router: Router, call: _Call) -> None:
+        self._router = router
+        self._call = call
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._router._settle(self._call)
 
 
 @dataclass(slots=True)
