@@ -106,6 +106,72 @@ def test_sse_malformed_data_is_a_failure() -> None:
         decode(chunk("a"), "data: {not json\n\n", piece=1)
 
 
+def feed_all(data: bytes, cuts: list[int]) -> tuple[str, SSEDecoder, str | None]:
+    """Feeds ``data`` cut at ``cuts`` as the provider does (stops at [DONE] or an error); returns
+    the text delivered, the decoder and the error message, if any."""
+    decoder = SSEDecoder("modal", "m")
+    text: list[str] = []
+    for start, stop in zip([0, *cuts], [*cuts, len(data)], strict=True):
+        try:
+            text += [i for i in decoder.feed(data[start:stop]) if isinstance(i, str)]
+        except ProviderProtocolError as exc:
+            return "".join(text), decoder, exc.message
+        if decoder.error is not None:
+            return "".join(text), decoder, decoder.error.message
+        if decoder.done:
+            break
+    return "".join(text), decoder, None
+
+
+def every_cut(data: bytes) -> Iterator[list[int]]:
+    """No cut, each single cut, and one byte per read."""
+    yield []
+    for i in range(1, len(data)):
+        yield [i]
+    yield list(range(1, len(data)))
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ("data: {not json\n\n", "modal sent malformed SSE data: b'{not json'"),
+        ("data:  [1, 2]\r\n\r\n", "modal sent SSE data that is not a JSON object: b'  [1, 2]\\r'"),
+        ('data: {"error": {"message": "engine died"}}\n\n', "modal reported an error mid-stream: engine died"),
+        ('data: {"choices": [{"delta": 1}]}\n\n', "modal sent an unexpected chunk shape"),
+        ("data: [DONE]x\n\n", "modal sent malformed SSE data: b'[DONE]x'"),
+    ],
+)
+def test_sse_bad_event_in_the_middle_split_at_every_byte(bad: str, message: str) -> None:
+    # The text before the bad event is delivered, the one after it never is, and the error reads
+    # the same however TCP cut the bytes.
+    data = (chunk("a") + chunk("b") + bad + chunk("c") + chunk(finish="stop") + DONE).encode()
+    for cuts in every_cut(data):
+        text, decoder, error = feed_all(data, cuts)
+        assert text == "ab" and error is not None and error.startswith(message), (cuts, text, error)
+        assert not decoder.done
+        with pytest.raises(ProviderProtocolError):
+            decoder.end()
+
+
+@pytest.mark.parametrize("done", ["data: [DONE]", "data:[DONE]", "data:  [DONE] ", "data: [DONE]\r", "data:\t[DONE]\r"])
+def test_sse_done_in_any_spacing_ends_the_stream_and_what_follows_is_ignored(done: str) -> None:
+    data = (chunk("a") + chunk(finish="stop") + done + "\n\ndata: {not json\n\n").encode()
+    for cuts in every_cut(data):
+        text, decoder, error = feed_all(data, cuts)
+        assert (text, error, decoder.done) == ("a", None, True), cuts
+        assert decoder.end().finish_reason is FinishReason.STOP
+
+
+def test_sse_only_lines_that_start_with_data_are_events() -> None:
+    # "data:" inside a payload, or after other characters, starts no event; text that reads
+    # [DONE] is text.
+    events = ["event: message\n", "id: 7\n", " data: {not json\n", chunk("data: [DONE]"), chunk("[DONE]")]
+    data = ("".join(events) + chunk(finish="stop") + DONE).encode()
+    for cuts in every_cut(data):
+        text, decoder, error = feed_all(data, cuts)
+        assert (text, error, decoder.done) == ("data: [DONE][DONE]", None, True), cuts
+
+
 def test_request_body() -> None:
     req = ChatRequest(
         messages=(ChatMessage("system", "s"), ChatMessage("user", "u")),
