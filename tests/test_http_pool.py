@@ -133,6 +133,59 @@ async def test_a_full_pool_times_out_before_sending_anything() -> None:
         await pool.aclose()
 
 
+async def test_waiters_get_the_connection_in_arrival_order_and_a_cancelled_one_is_skipped() -> None:
+    async with RawServer() as server:  # answers "second" to every request, on one connection
+        pool = http.Pool(server.url, max_connections=1, pool_timeout_s=5)
+        held = await pool.request("GET", "/held")
+        order: list[str] = []
+
+        async def one(path: str) -> None:
+            response = await pool.request("GET", path)
+            order.append(path)
+            await response.read()
+
+        waiters = [asyncio.ensure_future(one(path)) for path in ("/a", "/b", "/c")]
+        await asyncio.sleep(0.01)
+        waiters[1].cancel()
+        await held.read()  # the connection goes back and passes from waiter to waiter
+        await asyncio.gather(*waiters, return_exceptions=True)
+        assert order == ["/a", "/c"] and waiters[1].cancelled()
+        assert [r.split(b" ")[1] for r in server.requests] == [b"/held", b"/a", b"/c"]
+        assert server.connections == 1
+        await pool.aclose()
+
+
+async def test_a_waiter_cancelled_as_it_is_handed_the_connection_passes_it_on() -> None:
+    async with RawServer() as server:
+        pool = http.Pool(server.url, max_connections=1, pool_timeout_s=5)
+        held = await pool.request("GET", "/held")
+        first = asyncio.ensure_future(pool.request("GET", "/first"))
+        second = asyncio.ensure_future(pool.request("GET", "/second"))
+        await asyncio.sleep(0.01)
+        await held.read()  # hands the slot to the first waiter...
+        first.cancel()  # ...which is cancelled before it runs
+        response = await second
+        assert await response.read() == b"second" and first.cancelled()
+        # Nothing leaked either way: the one connection serves the next request at once.
+        assert await (await pool.request("GET", "/next")).read() == b"second"
+        await pool.aclose()
+
+
+async def test_a_pool_timeout_leaves_the_slot_count_whole() -> None:
+    async with RawServer() as server:
+        pool = http.Pool(server.url, max_connections=2, pool_timeout_s=0.1)
+        held = [await pool.request("GET", "/held") for _ in range(2)]
+        with pytest.raises(http.PoolTimeout):
+            await pool.request("GET", "/late")
+        for response in held:
+            await response.read()
+        responses = await asyncio.gather(*(pool.request("GET", "/again") for _ in range(2)))
+        with pytest.raises(http.PoolTimeout):  # and never more than two at once
+            await pool.request("GET", "/third")
+        assert [await r.read() for r in responses] == [b"second", b"second"]
+        await pool.aclose()
+
+
 async def test_tcp_keepalive_is_on() -> None:
     async with RawServer() as server:
         pool = http.Pool(server.url)

@@ -18,6 +18,7 @@ stop generating.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import ssl
 from collections.abc import AsyncIterator, Mapping
@@ -70,6 +71,52 @@ def _idle_expiry_s(conn: Connection, default_s: float) -> float:
         return default_s
     # Leave a margin so the server's timer does not fire while our request is in flight.
     return min(default_s, server_s - min(1.0, server_s / 2))
+
+
+class _Slots:
+    """At most ``n`` holders, the waiters served in arrival order, like ``asyncio.Semaphore``;
+    but a free slot is taken synchronously (no coroutine, no future, no scan of the waiters), which
+    is every request while the pool is not full.
+
+    Invariant: waiters are queued only while no slot is free (``release`` hands its slot to the
+    first live waiter and frees it only when there is none).
+    """
+
+    __slots__ = ("_free", "_waiters")
+
+    def __init__(self, n: int) -> None:
+        self._free = n
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def take_free(self) -> bool:
+        """Takes a slot if one is free at once."""
+        if self._free > 0:
+            self._free -= 1
+            return True
+        return False
+
+    async def wait(self) -> None:
+        """Waits for a slot (bound it with a timeout); holds it on return."""
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.release()  # handed one just as we were cancelled: pass it on
+            elif fut in self._waiters:
+                self._waiters.remove(fut)
+            raise
+
+    def release(self) -> None:
+        """Gives a slot back: to the first live waiter, else to the free ones."""
+        waiters = self._waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self._free += 1
 
 
 class Response:
@@ -201,7 +248,7 @@ class Pool:
         self._pool_timeout_s = pool_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self._idle: list[Connection] = []
-        self._slots = asyncio.Semaphore(max_connections)
+        self._slots = _Slots(max_connections)
         self._sweep_at: float | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
@@ -312,16 +359,13 @@ class Pool:
         head = b"%s %s HTTP/1.1\r\n" % (method.encode(), (self._target_prefix + path).encode())
         return head + self._fixed + extra + length + b"\r\n" + (body or b"")
 
-    async def _acquire(self) -> None:
-        if not self._slots.locked():
-            await self._slots.acquire()
-            return
+    async def _wait_for_slot(self) -> None:
         waiting = connection_wait.get()
         if waiting is not None:
             waiting(True)  # the caller's first-token timer stops while we queue for our own pool
         try:
             async with asyncio.timeout(self._pool_timeout_s):
-                await self._slots.acquire()
+                await self._slots.wait()
         except TimeoutError:
             raise PoolTimeout(
                 f"all {self.max_connections} connections to {self.origin} stayed busy for {self._pool_timeout_s:g} s"
@@ -342,7 +386,8 @@ class Pool:
         if self._closed:
             raise HTTPError("pool is closed")
         data = self._encode(method, path, body, headers)
-        await self._acquire()
+        if not self._slots.take_free():
+            await self._wait_for_slot()
         try:
             for attempt in (0, 1):
                 conn = self._take_idle()
