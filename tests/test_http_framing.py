@@ -176,3 +176,38 @@ async def test_a_response_fed_one_byte_at_a_time() -> None:
     finally:
         conn.close(abort=True)
         peer.close()
+
+
+async def test_a_second_response_in_the_same_read_never_reaches_the_caller() -> None:
+    # The answer's chunks go straight into the body list; the unasked response's chunks after it
+    # (here in the same read, chunked too) are cut off again.
+    stray = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nstray\r\n3\r\nmore\r\n0\r\n\r\n"
+    for split in (len(RESPONSE), len(RESPONSE) + 20, len(RESPONSE + stray) - 3):
+        conn, peer = await _connection()
+        try:
+            data = RESPONSE + stray
+            conn.data_received(data[:split])
+            conn.data_received(data[split:])
+            assert (conn.complete, conn.take(), conn.dirty, conn.reusable) == (True, b"first", True, False)
+        finally:
+            conn.close(abort=True)
+            peer.close()
+
+
+async def test_a_body_nobody_reads_pauses_the_socket_until_taken() -> None:
+    conn, peer = await _connection()
+    try:
+        assert conn.transport is not None
+        conn.data_received(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        piece = b"%x\r\n%s\r\n" % (64 * 1024, b"x" * 64 * 1024)
+        for _ in range(16):  # exactly 1 MiB: not over the limit yet
+            conn.data_received(piece)
+        assert conn.transport.is_reading()
+        conn.data_received(piece * 2)
+        assert not conn.transport.is_reading()
+        assert len(conn.take()) == 18 * 64 * 1024 and conn.transport.is_reading()
+        conn.data_received(piece + b"0\r\n\r\n")
+        assert (conn.complete, len(conn.take()), conn.reusable) == (True, 64 * 1024, True)
+    finally:
+        conn.close(abort=True)
+        peer.close()

@@ -99,6 +99,7 @@ class Connection(asyncio.Protocol):
         "_needs_eof",
         "_parser",
         "_paused",
+        "_stray_from",
         "_waiter",
         "closed",
         "complete",
@@ -109,6 +110,7 @@ class Connection(asyncio.Protocol):
         "idle_deadline",
         "keep_alive",
         "keep_alive_s",
+        "on_body",
         "received_any",
         "status",
         "transport",
@@ -116,6 +118,11 @@ class Connection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        # llhttp hands over the body once per HTTP chunk (one per SSE event from vLLM): straight
+        # into the list, with no Python frame per chunk. Bytes of a response nobody asked for are
+        # cut off again in data_received (see _stray_from).
+        self._body: list[bytes] = []
+        self.on_body = self._body.append
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[None] | None = None
         self._expecting = False  # a request is out and its final response not yet complete
@@ -137,8 +144,9 @@ class Connection(asyncio.Protocol):
         self._interim = False
         self._needs_eof = False
         self._head_bytes = 0
-        self._body: list[bytes] = []
+        self._body.clear()
         self._buffered = 0
+        self._stray_from: int | None = None  # where the body of an unasked-for response starts
         self._paused = False
 
     # -- asyncio.Protocol ------------------------------------------------------------------
@@ -168,6 +176,8 @@ class Connection(asyncio.Protocol):
         if not self._expecting:
             self._drop_dirty()  # nobody asked: never let these bytes reach a later caller
             return
+        body = self._body
+        before = len(body)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -177,6 +187,10 @@ class Connection(asyncio.Protocol):
                 self._drop_dirty()  # the answer is whole; what followed it is not ours to read
             else:
                 self.error = self.error or ProtocolViolation(f"invalid HTTP response: {exc}")
+        if self._stray_from is not None:
+            del body[self._stray_from :]  # a response after ours, in the same read: never ours
+        if len(body) > before:
+            self._buffered += sum(map(len, body[before:]))
         if self.error is not None:
             self._fail(self.error)
         elif not self.head_complete:
@@ -196,6 +210,8 @@ class Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if not self._expecting:
             self.dirty = True  # a second response after the one asked for
+            if self._stray_from is None:
+                self._stray_from = len(self._body)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._expecting:
@@ -222,11 +238,6 @@ class Connection(asyncio.Protocol):
             self._needs_eof = status not in (204, 304) and "content-length" not in headers and coding != "chunked"
         if "keep-alive" in headers:
             self.keep_alive_s = keep_alive_timeout_s(headers["keep-alive"])
-
-    def on_body(self, body: bytes) -> None:
-        if self._expecting:
-            self._body.append(body)
-            self._buffered += len(body)
 
     def on_message_complete(self) -> None:
         if not self._expecting or self.error is not None:
