@@ -133,6 +133,26 @@ async def test_a_full_pool_times_out_before_sending_anything() -> None:
         await pool.aclose()
 
 
+async def test_request_heads_are_right_for_every_method_path_and_body() -> None:
+    # Heads are encoded once per (method, path) and kept for a few paths only: beyond those, and
+    # for each body and extra header, the bytes sent are still exactly the request's own.
+    async with RawServer() as server:
+        pool = http.Pool(server.url + "/prefix", headers={"authorization": "Bearer k"})
+        sent = []
+        for n in range(20):
+            for method, body, extra in (("GET", None, None), ("POST", b"{}", {"traceparent": f"t{n}"})):
+                await (await pool.request(method, f"/p{n % 18}", body, extra)).read()
+                sent.append((method, n % 18, body, extra))
+        await pool.aclose()
+    host = f"127.0.0.1:{server.port}"
+    for request, (method, n, body, extra) in zip(server.requests, sent, strict=True):
+        expected = f"{method} /prefix/p{n} HTTP/1.1\r\nhost: {host}\r\nuser-agent: {http.USER_AGENT}\r\n"
+        expected += "authorization: Bearer k\r\n"
+        expected += "".join(f"{k}: {v}\r\n" for k, v in (extra or {}).items())
+        expected += f"content-length: {len(body)}\r\n" if body is not None else ""
+        assert request == expected.encode() + b"\r\n" + (body or b"")
+
+
 async def test_waiters_get_the_connection_in_arrival_order_and_a_cancelled_one_is_skipped() -> None:
     async with RawServer() as server:  # answers "second" to every request, on one connection
         pool = http.Pool(server.url, max_connections=1, pool_timeout_s=5)

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_IDLE_TIMEOUT_S = 30.0
 DEFAULT_POOL_TIMEOUT_S = 5.0
+_MAX_CACHED_HEADS = 16  # encoded request heads kept per pool (the gateway uses three paths)
 
 
 def _user_agent() -> str:
@@ -243,6 +244,7 @@ class Pool:
         self._fixed = "".join(f"{k}: {v}\r\n" for k, v in fixed.items()).encode("latin-1")
         # Through a plain-HTTP proxy the request line carries the whole URL (absolute-form).
         self._target_prefix = (self.origin if self.proxy is not None and self._ssl is None else "") + self.prefix
+        self._heads: dict[tuple[str, str], bytes] = {}
         self.max_connections = max_connections
         self._connect_timeout_s = connect_timeout_s
         self._pool_timeout_s = pool_timeout_s
@@ -354,10 +356,15 @@ class Pool:
     # -- requests ---------------------------------------------------------------------------
 
     def _encode(self, method: str, path: str, body: bytes | None, headers: Mapping[str, str] | None) -> bytes:
+        head = self._heads.get((method, path))
+        if head is None:  # the request line and the fixed headers, encoded once per method and path
+            head = b"%s %s HTTP/1.1\r\n" % (method.encode(), (self._target_prefix + path).encode()) + self._fixed
+            if len(self._heads) < _MAX_CACHED_HEADS:
+                self._heads[(method, path)] = head
         extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode("latin-1") if headers else b""
-        length = b"content-length: %d\r\n" % len(body) if body is not None else b""
-        head = b"%s %s HTTP/1.1\r\n" % (method.encode(), (self._target_prefix + path).encode())
-        return head + self._fixed + extra + length + b"\r\n" + (body or b"")
+        if body is None:
+            return head + extra + b"\r\n"
+        return b"".join((head, extra, b"content-length: %d\r\n\r\n" % len(body), body))
 
     async def _wait_for_slot(self) -> None:
         waiting = connection_wait.get()

@@ -43,6 +43,7 @@ CHAT_PATH = "/v1/chat/completions"
 # What follows "data:" on each complete SSE line, CR included; the buffer is searched up to its
 # last newline, so the line still arriving is never matched.
 _DATA_PAYLOADS = re.compile(rb"^data:(.*)", re.MULTILINE)
+_NO_USAGE = Usage()  # until the stream reports some (frozen: one instance serves every decoder)
 
 
 def _message(m: ChatMessage) -> dict[str, Any]:
@@ -192,7 +193,7 @@ class SSEDecoder:
         self.finish: str | None = None
         self.id = ""
         self.model = requested_model
-        self.usage = Usage()
+        self.usage = _NO_USAGE
         self.error: ProviderProtocolError | None = None
         self._calls: dict[int, tuple[str, int]] = {}  # upstream index -> (call id, our index)
         self._count = 0  # calls seen so far
