@@ -338,15 +338,26 @@ def _modal_warmth(health: pb.HealthResponse) -> int:
     return next(p.warmth for p in health.providers if p.name == "modal")
 
 
-async def _wait_warm(target: str, timeout_s: float = 20) -> None:
+async def _wait_warmth(target: str, warmth: int, timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.InferenceServiceStub(channel)
         while time.monotonic() < deadline:
-            if _modal_warmth(await stub.Health(pb.HealthRequest())) == pb.WARMTH_WARM:
+            if _modal_warmth(await stub.Health(pb.HealthRequest())) == warmth:
                 return
             await asyncio.sleep(0.05)
-    raise AssertionError(f"modal never became warm at {target}")
+    raise AssertionError(f"modal never became {pb.Warmth.Name(warmth)} at {target}")
+
+
+async def _wait_logged(gateway: GatewayProcess, pattern: str, timeout_s: float = 30) -> str:
+    """The gateway's output once ``pattern`` is in it: INFO lines reach the file in batches
+    (service/observe/logs.py), so a line logged before a Health answer may not be there yet."""
+    deadline = time.monotonic() + timeout_s
+    while not re.search(pattern, output := gateway.output(), re.M):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{gateway.target} never logged {pattern!r}; its log:\n{output}")
+        await asyncio.sleep(0.05)
+    return output
 
 
 async def test_one_wake_up_for_callers_across_two_processes(redis_prefix: tuple[str, str], tmp_path: Path) -> None:
@@ -368,18 +379,22 @@ async def test_one_wake_up_for_callers_across_two_processes(redis_prefix: tuple[
     gateways = [GatewayProcess(gateway_env(dict(common), tmp_path), tmp_path) for _ in range(2)]
     try:
         await asyncio.gather(*(wait_serving_async(g.target) for g in gateways))
-        modal.cold_start(not_listening_s=1.0, unavailable_s=1.0)
         channels = [grpc.aio.insecure_channel(g.target) for g in gateways]
         stubs = [pb_grpc.InferenceServiceStub(c) for c in channels]
         outcomes = await asyncio.gather(*(call(stubs[i % 2], "Chat") for i in range(10)))
         assert all(o.code is grpc.StatusCode.OK and o.provider == "vastai" for o in outcomes)
+        # Modal stays asleep until both replicas are waking it (callers on each found it cold), so
+        # the one wake-up is tested however late either replica's callers arrive on a loaded machine.
+        await asyncio.gather(*(_wait_warmth(g.target, pb.WARMTH_WARMING) for g in gateways))
+        modal.cold_start(not_listening_s=0.0, unavailable_s=1.0)  # a container starts: 503 for a second
+        await asyncio.gather(*(_wait_warmth(g.target, pb.WARMTH_WARM) for g in gateways))
         assert modal.chat_requests == []
-        await asyncio.gather(*(_wait_warm(g.target) for g in gateways))
         # One replica held the lease and talked to Modal; the other waited for its verdict.
-        woke = sum(len(re.findall(r"provider modal is warm again$", g.output(), re.M)) for g in gateways)
-        followed = sum(g.output().count("warm again (woken by another replica)") for g in gateways)
-        holders = sum(g.output().count("holds the wake-up lease") for g in gateways)
-        assert (woke, followed, holders) == (1, 1, 1), [g.output() for g in gateways]
+        outputs = await asyncio.gather(*(_wait_logged(g, r"provider modal is warm again") for g in gateways))
+        woke = sum(len(re.findall(r"provider modal is warm again$", o, re.M)) for o in outputs)
+        followed = sum(o.count("warm again (woken by another replica)") for o in outputs)
+        holders = sum(o.count("holds the wake-up lease") for o in outputs)
+        assert (woke, followed, holders) == (1, 1, 1), outputs
         probes = sorted((r for r in modal.requests if r.path == "/health"), key=lambda r: r.received_at)
         assert probes
         for earlier, later in itertools.pairwise(probes):

@@ -58,6 +58,14 @@ class Warmth(enum.Enum):
     WARM = "warm"
 
 
+class WakeLease(enum.Enum):
+    """What :meth:`SharedHealth.hold_wake` found."""
+
+    HELD = "held"  # this replica holds the lease: it alone talks to the cold provider
+    TAKEN = "taken"  # another replica holds it: wait for its verdict
+    WARM = "warm"  # another replica found the provider warm (a wake-up ended, or a call was served)
+
+
 class SharedHealth(Protocol):
     """What replicas tell each other about providers; every method is cheap and never raises
     (publishing runs in the background; a Redis outage leaves each replica with its own view)."""
@@ -74,18 +82,14 @@ class SharedHealth(Protocol):
         """The (scale-to-zero) provider answered here: warm for ``window_s``."""
         ...
 
-    async def hold_wake(self, provider: str, lease_s: float) -> bool:
-        """Takes or renews the cluster's one wake-up lease; True when this replica holds it
-        (also when the lease cannot be checked: waking twice beats not waking)."""
+    async def hold_wake(self, provider: str, lease_s: float) -> WakeLease:
+        """Takes or renews the cluster's one wake-up lease unless the provider is warm, in one
+        atomic step (HELD also when the lease cannot be checked: waking twice beats not waking)."""
         ...
 
     async def release_wake(self, provider: str, warm_for_s: float = 0.0) -> None:
         """Gives the wake-up lease back (the wake-up ended); with ``warm_for_s``, first publishes
         that the provider is warm, so no replica can take the lease and wake it again."""
-        ...
-
-    async def warm_elsewhere(self, provider: str) -> bool:
-        """Another replica found the provider warm (read now, not from the refresh)."""
         ...
 
 
@@ -379,16 +383,18 @@ class HealthMonitor:
         warm_for_s = 0.0
         try:
             while time.monotonic() < deadline:
-                if shared is not None and not holding:
-                    # Checked before the lease: the holder publishes warmth, then frees the lease.
-                    if await shared.warm_elsewhere(slot.name):
-                        slot.adopt_remote_warmth(0.0)
-                        slot._succeeded()
-                        slot.breaker.record_success()
-                        log.info("provider %s is warm again (woken by another replica)", slot.name)
-                        trace.get_current_span().add_event("provider_warm", {"provider": slot.name, "by": "replica"})
-                        return
-                if shared is not None and not await shared.hold_wake(slot.name, lease_s):
+                # Warmth and the lease are read in one step: the holder publishes warmth and frees the
+                # lease in one step too, so a replica that finds the lease free finds the warmth with it
+                # (read apart, a release between the two reads let a second replica wake it again).
+                lease = WakeLease.HELD if shared is None else await shared.hold_wake(slot.name, lease_s)
+                if lease is WakeLease.WARM:
+                    slot.adopt_remote_warmth(0.0)
+                    slot._succeeded()
+                    slot.breaker.record_success()
+                    log.info("provider %s is warm again (woken by another replica)", slot.name)
+                    trace.get_current_span().add_event("provider_warm", {"provider": slot.name, "by": "replica"})
+                    return
+                if lease is WakeLease.TAKEN:
                     # Another replica is waking it: wait for its verdict without touching the provider.
                     await asyncio.sleep(min(poll_interval_s, 0.5))
                     continue

@@ -7,7 +7,9 @@ replicas' clocks are compared:
 * ``warm:<provider>``: present while the provider answered within its scale-down window; the value
   is the window in ms, so the time since that answer is ``value - PTTL``.
 * ``wake:<provider>``: the wake-up lease, ``SET NX PX`` by the replica that talks to the cold
-  provider; renewed while it polls, so a replica that dies mid-wake-up frees it within a lease.
+  provider, only while ``warm:<provider>`` is absent (one script: the holder sets warmth and frees
+  the lease in one step too, so no replica can take a freed lease without seeing the warmth);
+  renewed while it polls, so a replica that dies mid-wake-up frees it within a lease.
 
 Writes come from the routing code's synchronous paths, so they run as background tasks; reads are a
 refresh every :data:`REFRESH_S` applied to each slot (the router never waits on Redis to plan).
@@ -22,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from service.routing.health import ProviderSlot
+from service.routing.health import ProviderSlot, WakeLease
 from service.shared.client import SharedRedis
 
 log = logging.getLogger(__name__)
@@ -30,12 +32,15 @@ log = logging.getLogger(__name__)
 REFRESH_S = 0.5  # how stale another replica's circuit or warmth may be here
 PUBLISH_WARM_EVERY_S = 1.0  # a busy provider's warmth is written at most this often per replica
 
-# KEYS: lease. ARGV: holder, lease ms. Takes a free lease or renews our own; 1 when held.
+# KEYS: lease, warm. ARGV: holder, lease ms. 2 when warm (nothing to wake); else takes a free lease or
+# renews our own, 1 when held, 0 when another replica holds it. Warmth and lease in one step, as RELEASE.
 HOLD = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 2 end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
 return 0
 """
+_LEASE = {0: WakeLease.TAKEN, 1: WakeLease.HELD, 2: WakeLease.WARM}
 
 # KEYS: lease, warm. ARGV: holder, warm ms (0: not warm). Warmth first, then the lease goes, in one step.
 RELEASE = """
@@ -97,22 +102,18 @@ class RedisHealth:
         key = self._key("warm", provider)
         self._background("warmth", lambda: self._redis.client.set(key, str(ms), px=ms))
 
-    async def hold_wake(self, provider: str, lease_s: float) -> bool:
+    async def hold_wake(self, provider: str, lease_s: float) -> WakeLease:
         """See :class:`~service.routing.health.SharedHealth`."""
-        keys, args = [self._key("wake", provider)], [self._redis.instance, max(1, int(lease_s * 1000))]
-        held = await self._redis.call("wake lease", lambda: self._hold(keys=keys, args=args))
-        return True if held is None else bool(int(held))
+        keys = [self._key("wake", provider), self._key("warm", provider)]
+        args = [self._redis.instance, max(1, int(lease_s * 1000))]
+        found = await self._redis.call("wake lease", lambda: self._hold(keys=keys, args=args))
+        return WakeLease.HELD if found is None else _LEASE[int(found)]
 
     async def release_wake(self, provider: str, warm_for_s: float = 0.0) -> None:
         """See :class:`~service.routing.health.SharedHealth`."""
         keys = [self._key("wake", provider), self._key("warm", provider)]
         args = [self._redis.instance, int(warm_for_s * 1000)]
         await self._redis.call("wake lease", lambda: self._release(keys=keys, args=args))
-
-    async def warm_elsewhere(self, provider: str) -> bool:
-        """See :class:`~service.routing.health.SharedHealth`."""
-        found = await self._redis.call("warmth", lambda: self._redis.client.exists(self._key("warm", provider)))
-        return bool(found)
 
     async def refresh(self) -> bool:
         """Reads every provider's circuit and warmth once and applies them; False when Redis failed."""
