@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import time
+
+import pytest
 
 from service.observe.logs import BatchingHandler, TextFormatter
 
@@ -63,3 +66,58 @@ def test_text_time_is_formatted_like_loggings_default() -> None:
     assert TextFormatter().format(record) == logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s"
     ).format(record)
+
+
+def _installed(fmt: str, stream: io.StringIO) -> BatchingHandler:
+    import service.observe.logs as logs
+
+    handler = BatchingHandler(stream, interval_s=60)
+    handler.setFormatter(logs.JsonFormatter() if fmt == "json" else TextFormatter())
+    return handler
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_the_access_logs_direct_line_is_the_line_logging_would_write(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.guard.redaction import register_secrets
+
+    register_secrets(["sk-test-secret-1234"])
+    fields = {"event": "rpc", "method": "Chat", "note": "key sk-test-secret-1234", "n": 3}
+    message = json.dumps(fields)
+    via_logging, direct = io.StringIO(), io.StringIO()
+    a, b = _installed(fmt, via_logging), _installed(fmt, direct)
+    logger = _logger(a)
+    try:
+        logger.info(message, extra={"fields": fields})
+        b.emit_line("INFO", logger.name, message, fields)
+    finally:
+        a.close()
+        b.close()
+    got, want = direct.getvalue(), via_logging.getvalue()
+    if fmt == "json":  # the time differs by the microseconds between the two calls; the rest must not
+        got_obj, want_obj = json.loads(got), json.loads(want)
+        assert got_obj.pop("time")[:16] == want_obj.pop("time")[:16]
+        assert got_obj == want_obj
+    else:
+        assert got.split(" ", 2)[2] == want.split(" ", 2)[2]  # after the date and time
+        assert "sk-test-secret-1234" not in got
+
+
+def test_the_direct_path_is_taken_only_when_nothing_else_listens(monkeypatch: pytest.MonkeyPatch) -> None:
+    import service.observe.logs as logs
+
+    root = logging.getLogger()
+    sink = BatchingHandler(io.StringIO(), interval_s=60)
+    monkeypatch.setattr(logs, "_installed", sink)
+    monkeypatch.setattr(root, "handlers", [sink])
+    access = logging.getLogger("service.access")
+    assert logs.sole_handler(access) is sink
+    other = logging.StreamHandler(io.StringIO())
+    monkeypatch.setattr(root, "handlers", [sink, other])  # e.g. pytest's caplog
+    assert logs.sole_handler(access) is None
+    monkeypatch.setattr(root, "handlers", [sink])
+    access.addHandler(other)
+    try:
+        assert logs.sole_handler(access) is None
+    finally:
+        access.removeHandler(other)
+    sink.close()

@@ -37,6 +37,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from service.guard.security import current_tenant
 from service.observe import metrics
+from service.observe.logs import sole_handler
 from service.observe.telemetry import RpcStats, current_rpc, tracer, tracing_enabled
 
 access_log = logging.getLogger("service.access")
@@ -209,7 +210,12 @@ class _Call:
                 "trace_id": f"{ctx.trace_id:032x}" if ctx.is_valid else "",
                 "span_id": f"{ctx.span_id:016x}" if ctx.is_valid else "",
             }
-            access_log.info(orjson.dumps(fields).decode(), extra={"fields": fields})
+            line = orjson.dumps(fields).decode()
+            sink = sole_handler(access_log)
+            if sink is not None:
+                sink.emit_line("INFO", access_log.name, line, fields)  # the same line, without a LogRecord
+            else:
+                access_log.info(line, extra={"fields": fields})
         try:
             current_rpc.reset(self.stats_token)
         except ValueError:
