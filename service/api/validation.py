@@ -77,6 +77,7 @@ def _check_messages(request: Any, settings: Settings, bad: list[FieldViolation])
         return messages
     call_ids: set[str] = set()
     for i, m in enumerate(request.messages):
+        # Each proto field read is a C call that may build a wrapper object: read each once.
         role = _ROLES.get(m.role)
         if role is None:
             name = pb.Role.Name(m.role) if m.role in pb.Role.values() else str(m.role)
@@ -86,24 +87,28 @@ def _check_messages(request: Any, settings: Settings, bad: list[FieldViolation])
                 )
             )
         content = m.content
-        message_parts = agent_fields.parts(m, i, role or "", bad) if m.parts else ()
-        calls = agent_fields.tool_calls(m, i, bad) if m.tool_calls else ()
-        if m.tool_calls and role != "assistant":
-            bad.append(FieldViolation(f"messages[{i}].tool_calls", "only ROLE_ASSISTANT messages carry tool calls"))
-        call_ids.update(c.id for c in calls)
+        has_parts = bool(m.parts)
+        has_calls = bool(m.tool_calls)
+        tool_call_id = m.tool_call_id
+        message_parts = agent_fields.parts(m, i, role or "", bad) if has_parts else ()
+        calls = agent_fields.tool_calls(m, i, bad) if has_calls else ()
+        if has_calls:
+            if role != "assistant":
+                bad.append(FieldViolation(f"messages[{i}].tool_calls", "only ROLE_ASSISTANT messages carry tool calls"))
+            call_ids.update(c.id for c in calls)
         if role == "tool":
-            if not m.tool_call_id:
+            if not tool_call_id:
                 bad.append(
                     FieldViolation(f"messages[{i}].tool_call_id", "ROLE_TOOL messages must name the call they answer")
                 )
-            elif m.tool_call_id not in call_ids:
+            elif tool_call_id not in call_ids:
                 bad.append(
                     FieldViolation(
                         f"messages[{i}].tool_call_id",
-                        f"{m.tool_call_id!r} answers no tool call of an earlier ROLE_ASSISTANT message",
+                        f"{tool_call_id!r} answers no tool call of an earlier ROLE_ASSISTANT message",
                     )
                 )
-        elif m.tool_call_id:
+        elif tool_call_id:
             bad.append(FieldViolation(f"messages[{i}].tool_call_id", "only ROLE_TOOL messages answer a tool call"))
         if len(content) > settings.max_content_chars:
             bad.append(
@@ -113,10 +118,10 @@ def _check_messages(request: Any, settings: Settings, bad: list[FieldViolation])
             )
         elif "\x00" in content:
             bad.append(FieldViolation(f"messages[{i}].content", "must not contain NUL characters"))
-        elif not content.strip() and not m.parts and not calls and role != "tool":
+        elif not content.strip() and not has_parts and not calls and role != "tool":
             bad.append(FieldViolation(f"messages[{i}].content", "must not be empty or only whitespace"))
         if role is not None:
-            messages.append(ChatMessage(role, content, calls, m.tool_call_id, message_parts))
+            messages.append(ChatMessage(role, content, calls, tool_call_id, message_parts))
     if messages and all(m.role == "system" for m in messages):
         bad.append(FieldViolation("messages", "needs at least one ROLE_USER or ROLE_ASSISTANT message"))
     return messages
