@@ -51,7 +51,9 @@ class Attempt:
     outcome: str
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each of these 21 fields through object.__setattr__, the
+# largest single allocation cost of a call in the profile. Treat records as immutable anyway.
+@dataclass(slots=True)
 class UsageRecord:
     """One call (or one stretch of a GPU's idle time) as the ledger stores it.
 
