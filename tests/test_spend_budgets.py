@@ -50,8 +50,14 @@ async def test_a_provider_at_its_budget_is_exhausted_counting_queued_records(led
     assert "provider:modal" in status.description and "2026-12-01T00:00:00Z" in status.description
 
 
-async def test_gpu_idle_time_counts_toward_the_providers_budget(ledger: SqlLedger) -> None:
-    meter = GpuMeter("modal", 3.6, 60.0, ledger.record, clock=lambda: 0.0)  # $0.001 a second
+async def test_gpu_idle_time_counts_toward_the_providers_budget(
+    ledger: SqlLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The meter dates its records by the wall clock; the ledger counts the month of the tests' NOW.
+    # Pin the wall clock to NOW while the meter takes its offset, or this test fails in any other month.
+    with monkeypatch.context() as m:
+        m.setattr(time, "time", lambda: NOW.timestamp())
+        meter = GpuMeter("modal", 3.6, 60.0, ledger.record, clock=lambda: 0.0)  # $0.001 a second
     b = budgets(ledger, provider_limits_usd={"modal": 0.07}, commit_cost_usd=lambda p: 0.0)
     meter.finish(meter.start(0.0), 10.0)  # the call's own $0.010 goes on its record, not booked here
     meter.poll(70.0)  # the tail: $0.060, booked by the meter to the provider
