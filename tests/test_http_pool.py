@@ -72,6 +72,21 @@ async def test_stale_keep_alive_connection_is_retried_once() -> None:
         await pool.aclose()
 
 
+async def test_a_reused_connection_closed_before_any_answer_byte_is_retried_once() -> None:
+    async def close_on_second(conn: RawConn) -> None:
+        await conn.request()
+        await conn.send(ok(b"first"))
+        await conn.request()
+        conn.close()  # the keep-alive race: the server closes as our request arrives
+
+    async with RawServer([close_on_second]) as server:
+        pool = http.Pool(server.url)
+        assert await (await pool.request("GET", "/a")).read() == b"first"
+        assert await (await pool.request("GET", "/b")).read() == b"second"  # on a fresh connection
+        assert server.connections == 2
+        await pool.aclose()
+
+
 async def test_reset_mid_body_is_disconnected() -> None:
     async def cut(conn: RawConn) -> None:
         await conn.request()

@@ -273,6 +273,7 @@ class Connection(asyncio.Protocol):
     def start(self, request: bytes) -> None:
         """Sends a request; parsing of its response starts."""
         self._reset()
+        self.received_any = False  # of this answer: the pool retries once on a kept-alive one without any
         if self.closed or self.transport is None:
             self.error = Disconnected("the connection was already closed")
             return
