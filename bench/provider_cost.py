@@ -16,6 +16,12 @@ Rows: unary at c=1 and c=64 (16 tokens, the gateway's issue-15 scenario), a 64-t
 upstream sends at once (one network read, one message), and the paced model (one token per 2 ms,
 so nearly every token is its own read and its own message): ``cpu/msg`` there is the client's cost
 per streamed message. The machine is shared: expect +-10 % between rounds, compare medians.
+
+``--instructions`` counts instead the instructions per call under valgrind's callgrind (the
+difference of two run lengths, so start-up and warm-up cancel): the same to 0.5 % between runs on a
+loaded machine, so it shows changes of a few percent that CPU time hides. It does not see the
+kernel (a syscall is one instruction), so a change that saves syscalls or wake-ups shows in CPU
+time only. With ``--against``, both trees are counted.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -108,6 +115,35 @@ def _compare(args: argparse.Namespace) -> None:
         print(f"  {row:<8} this {this:7.1f}  against {other:7.1f}  ratio {this / other:5.3f}")
 
 
+def _calls(row: str, scale: float) -> int:
+    concurrency, calls = ROWS[row][2], ROWS[row][3]
+    return max(concurrency, int(calls * scale)) // concurrency * concurrency
+
+
+def _instructions(args: argparse.Namespace) -> None:
+    """Instructions per call of each row under callgrind, for this tree (and ``--against``)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    trees = {"this": here} | ({"against": os.path.abspath(args.against)} if args.against else {})
+    short, long = 0.1 * args.scale, 0.3 * args.scale
+    for row in args.rows:
+        figures: dict[str, float] = {}
+        for label, tree in trees.items():
+            counts = []
+            for scale in (short, long):
+                cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-c", _CHILD]
+                cmd += [tree, os.path.abspath(__file__), "--url", args.url, "--rows", row, "--scale", str(scale)]
+                err = subprocess.run(cmd, cwd=tree, check=True, capture_output=True, text=True).stderr
+                found = re.search(r"Collected : (\d+)", err)
+                if found is None:
+                    raise SystemExit(f"no instruction count from valgrind:\n{err[-2000:]}")
+                counts.append(int(found.group(1)))
+            figures[label] = (counts[1] - counts[0]) / (_calls(row, long) - _calls(row, short))
+        line = f"  {row:<8} this {figures['this'] / 1e3:8.1f}k instructions/call"
+        if "against" in figures:
+            line += f"  against {figures['against'] / 1e3:8.1f}k  ratio {figures['this'] / figures['against']:5.3f}"
+        print(line, flush=True)
+
+
 def main() -> None:
     """Entry point: ``python -m bench.provider_cost --url URL``."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
@@ -116,11 +152,15 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies each row's number of calls")
     parser.add_argument("--rounds", type=int, default=1, help="with --against: rounds of the two trees")
     parser.add_argument("--against", help="another checkout's root (holding service/) to alternate with")
+    parser.add_argument("--instructions", action="store_true", help="count instructions under callgrind instead")
     args = parser.parse_args()
     args.rows = [r for r in args.rows.split(",") if r]
     unknown = [r for r in args.rows if r not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; rows are {list(ROWS)}")
+    if args.instructions:
+        _instructions(args)
+        return
     if args.against:
         _compare(args)
         return
