@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import time
 from typing import Literal
+
+import httpx
 
 from modal_vllm import status as modal_status
 from modal_vllm.sdk import ModalApiError, StatsSource, read_stats_async
@@ -87,6 +90,10 @@ class ModalProvider(OpenAICompatProvider):
         self._has_tokens = bool(settings.modal_token_id and settings.modal_token_secret)
         self.validate_on_start: ValidateMode = validate_on_start or validate_mode(settings)
         self._startup_check_pending = True
+        # One TLS context for every probe: a bare httpx.AsyncClient() builds one (loading the CA
+        # bundle, ~20 ms of CPU with the GIL held) on the event loop, and a wake-up probes every
+        # WAKE_POLL_INTERVAL_S. Each probe still opens a connection of its own.
+        self._probe_tls: ssl.SSLContext | None = None
         super().__init__(
             OpenAICompatConfig(
                 name="modal",
@@ -177,12 +184,16 @@ class ModalProvider(OpenAICompatProvider):
         Used for wake-ups, and for health checks once a container is known to run (a probe then
         only resets its idle timer). Also checks that MODAL_MODEL is among the served models.
         """
-        status = await probe_endpoint(
-            self.endpoint,
-            self.default_model,
-            headers=dict(self.config.headers),
-            timeout_s=timeout_s,
-        )
+        if self._probe_tls is None:
+            self._probe_tls = httpx.create_ssl_context()
+        async with httpx.AsyncClient(verify=self._probe_tls) as client:
+            status = await probe_endpoint(
+                self.endpoint,
+                self.default_model,
+                headers=dict(self.config.headers),
+                client=client,
+                timeout_s=timeout_s,
+            )
         return _report(status)
 
 
