@@ -28,7 +28,9 @@ from inference.v1 import inference_pb2_grpc as pb_grpc
 
 from service.guard.limits import Grant, Refusal
 from service.guard.policy import TenantPolicy
+from service.routing.health import WakeLease
 from service.shared.client import SharedRedis
+from service.shared.health import RedisHealth
 from service.shared.limits import RedisLimits
 from tests.conftest import make_settings, start_gateway, stop_gateway
 from tests.e2e_helpers import free_port, wait_serving_async
@@ -412,6 +414,25 @@ async def test_one_wake_up_for_callers_across_two_processes(redis_prefix: tuple[
 
 
 # ---- circuits, in-process replicas ----------------------------------------------------------
+
+
+async def test_the_wake_up_lease_and_warmth_are_one_step(redis_prefix: tuple[str, str]) -> None:
+    # The race fixed in ed69b85: a replica that read "not warm" just before the holder released the
+    # lease (warm) must not take the freed lease and wake Modal a second time. Taking the lease and
+    # reading warmth are one script, so after a warm release every other replica hears WARM.
+    url, prefix = redis_prefix
+    a, b = RedisHealth(SharedRedis(url, prefix)), RedisHealth(SharedRedis(url, prefix))
+    b._redis.instance = "replica-b"  # instance ids are per process; two stores in one test need two
+    try:
+        assert await a.hold_wake("modal", 5) is WakeLease.HELD
+        assert await b.hold_wake("modal", 5) is WakeLease.TAKEN  # one wake-up per cluster
+        assert await a.hold_wake("modal", 5) is WakeLease.HELD  # the holder renews its own lease
+        await a.release_wake("modal", 300)  # the wake-up ended: warm for 5 minutes
+        assert await b.hold_wake("modal", 5) is WakeLease.WARM  # not the freed lease
+        assert await a.hold_wake("modal", 5) is WakeLease.WARM
+    finally:
+        await a._redis.aclose()
+        await b._redis.aclose()
 
 
 async def test_a_circuit_opened_by_one_replica_is_open_on_the_other(redis_prefix: tuple[str, str]) -> None:
