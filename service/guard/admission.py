@@ -12,9 +12,9 @@ waiter, so a newcomer never overtakes a caller that has been waiting.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 
 from service.errors import ResourceExhaustedError
+from service.slots import FifoSlots
 
 CONCURRENCY_RETRY_S = 1.0  # the hint when no slot frees in time; slots turn over in about a call's length
 
@@ -22,20 +22,25 @@ CONCURRENCY_RETRY_S = 1.0  # the hint when no slot frees in time; slots turn ove
 class ConcurrencyLimiter:
     """At most ``limit`` calls in flight; ``in_flight`` is the count right now."""
 
-    __slots__ = ("_waiters", "in_flight", "limit", "wait_s")
+    __slots__ = ("_slots", "wait_s")
 
     def __init__(self, limit: int, wait_s: float) -> None:
-        self.limit = limit
+        self._slots = FifoSlots(limit)
         self.wait_s = wait_s
-        self.in_flight = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def limit(self) -> int:
+        """MAX_CONCURRENT_REQUESTS."""
+        return self._slots.limit
+
+    @property
+    def in_flight(self) -> int:
+        """Calls holding a slot now."""
+        return self._slots.in_use
 
     def try_acquire(self) -> bool:
         """Takes a slot if one is free (no waiter can be pending then: slots go to waiters first)."""
-        if self.in_flight < self.limit:
-            self.in_flight += 1
-            return True
-        return False
+        return self._slots.try_take()
 
     async def acquire(self, time_remaining_s: float | None) -> None:
         """Waits up to ADMISSION_WAIT_S (and no longer than the caller's deadline) for a slot.
@@ -43,37 +48,20 @@ class ConcurrencyLimiter:
         Raises:
             ResourceExhaustedError: no slot freed in time (reason ``CONCURRENCY_LIMIT``).
         """
-        if self.try_acquire():
+        if self._slots.try_take():
             return
         wait_s = self.wait_s if time_remaining_s is None else min(self.wait_s, time_remaining_s)
         if wait_s <= 0:
             raise self._refusal()
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
         try:
             async with asyncio.timeout(wait_s):
-                await waiter
+                await self._slots.wait()
         except TimeoutError:
-            if waiter.done() and not waiter.cancelled():
-                return  # the slot arrived as the timer fired: it is ours, use it
-            waiter.cancel()  # release() skips it; no O(n) removal from the queue
             raise self._refusal() from None
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self.release()  # handed a slot, then cancelled before using it: pass it on
-            else:
-                waiter.cancel()
-            raise
 
     def release(self) -> None:
         """Frees a slot, or hands it to the oldest live waiter."""
-        waiters = self._waiters
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # in_flight is unchanged: the slot changes hands
-                return
-        self.in_flight -= 1
+        self._slots.release()
 
     def _refusal(self) -> ResourceExhaustedError:
         waited = f"; no slot freed within ADMISSION_WAIT_S={self.wait_s:g} s" if self.wait_s > 0 else ""

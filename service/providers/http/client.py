@@ -18,7 +18,6 @@ stop generating.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import ssl
 from collections.abc import AsyncIterator, Mapping
@@ -35,6 +34,7 @@ from service.providers.http.connection import (
     ProtocolViolation,
 )
 from service.providers.http.proxies import Proxy, authority, parse_proxy, proxy_for
+from service.slots import FifoSlots
 
 __all__ = [
     "USER_AGENT",
@@ -72,52 +72,6 @@ def _idle_expiry_s(conn: Connection, default_s: float) -> float:
         return default_s
     # Leave a margin so the server's timer does not fire while our request is in flight.
     return min(default_s, server_s - min(1.0, server_s / 2))
-
-
-class _Slots:
-    """At most ``n`` holders, the waiters served in arrival order, like ``asyncio.Semaphore``;
-    but a free slot is taken synchronously (no coroutine, no future, no scan of the waiters), which
-    is every request while the pool is not full.
-
-    Invariant: waiters are queued only while no slot is free (``release`` hands its slot to the
-    first live waiter and frees it only when there is none).
-    """
-
-    __slots__ = ("_free", "_waiters")
-
-    def __init__(self, n: int) -> None:
-        self._free = n
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-
-    def take_free(self) -> bool:
-        """Takes a slot if one is free at once."""
-        if self._free > 0:
-            self._free -= 1
-            return True
-        return False
-
-    async def wait(self) -> None:
-        """Waits for a slot (bound it with a timeout); holds it on return."""
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        try:
-            await fut
-        except BaseException:
-            if fut.done() and not fut.cancelled():
-                self.release()  # handed one just as we were cancelled: pass it on
-            elif fut in self._waiters:
-                self._waiters.remove(fut)
-            raise
-
-    def release(self) -> None:
-        """Gives a slot back: to the first live waiter, else to the free ones."""
-        waiters = self._waiters
-        while waiters:
-            fut = waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                return
-        self._free += 1
 
 
 class Response:
@@ -250,7 +204,7 @@ class Pool:
         self._pool_timeout_s = pool_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self._idle: list[Connection] = []
-        self._slots = _Slots(max_connections)
+        self._slots = FifoSlots(max_connections)
         self._sweep_at: float | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
@@ -393,7 +347,7 @@ class Pool:
         if self._closed:
             raise HTTPError("pool is closed")
         data = self._encode(method, path, body, headers)
-        if not self._slots.take_free():
+        if not self._slots.try_take():
             await self._wait_for_slot()
         try:
             for attempt in (0, 1):
