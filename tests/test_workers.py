@@ -93,20 +93,25 @@ def test_each_worker_gets_its_metrics_port_and_instance_id(monkeypatch: pytest.M
     assert env["OTEL_RESOURCE_ATTRIBUTES"] == f"deployment.environment=test,{instance}"
 
 
+def _two_workers(port: int, upstream: FakeOpenAI, tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment of a WORKERS=2 gateway on ``port`` in front of ``upstream``."""
+    return gateway_env(
+        {
+            "WORKERS": "2",
+            "GRPC_LISTEN_ADDRESS": f"127.0.0.1:{port}",
+            "VASTAI_VLLM_URL": upstream.base_url,
+            "VASTAI_MODEL": MODAL_MODEL,
+            **extra,
+        },
+        tmp_path,
+    )
+
+
 async def test_a_killed_worker_is_replaced_and_the_port_keeps_answering(tmp_path: Path) -> None:
     with FakeOpenAI(models=[MODAL_MODEL]) as upstream:
         upstream.default = Ok(tokens=["hi"])
         port = free_port()
-        env = gateway_env(
-            {
-                "WORKERS": "2",
-                "GRPC_LISTEN_ADDRESS": f"127.0.0.1:{port}",
-                "VASTAI_VLLM_URL": upstream.base_url,
-                "VASTAI_MODEL": MODAL_MODEL,
-                "METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
-            },
-            tmp_path,
-        )
+        env = _two_workers(port, upstream, tmp_path, METRICS_ADDRESS=f"127.0.0.1:{free_port()}")
         gw = GatewayProcess(env, tmp_path)
         try:
             await wait_for(lambda: len(children(gw.proc.pid)) == 2, what="two workers")
@@ -165,15 +170,7 @@ async def test_workers_die_with_a_killed_supervisor(tmp_path: Path) -> None:
     with FakeOpenAI(models=[MODAL_MODEL]) as upstream:
         upstream.default = Ok(tokens=["hi"])
         port = free_port()
-        env = gateway_env(
-            {
-                "WORKERS": "2",
-                "GRPC_LISTEN_ADDRESS": f"127.0.0.1:{port}",
-                "VASTAI_VLLM_URL": upstream.base_url,
-                "VASTAI_MODEL": MODAL_MODEL,
-            },
-            tmp_path,
-        )
+        env = _two_workers(port, upstream, tmp_path)
         gw = GatewayProcess(env, tmp_path)
         try:
             await _kill_the_supervisor(gw, port)
@@ -188,15 +185,7 @@ async def test_workers_that_keep_dying_stop_the_supervisor(tmp_path: Path) -> No
         blocker.listen()
         port = blocker.getsockname()[1]
         with FakeOpenAI(models=[MODAL_MODEL]) as upstream:
-            env = gateway_env(
-                {
-                    "WORKERS": "2",
-                    "GRPC_LISTEN_ADDRESS": f"127.0.0.1:{port}",
-                    "VASTAI_VLLM_URL": upstream.base_url,
-                    "VASTAI_MODEL": MODAL_MODEL,
-                },
-                tmp_path,
-            )
+            env = _two_workers(port, upstream, tmp_path)
             gw = GatewayProcess(env, tmp_path)
             try:
                 code = gw.proc.wait(120)
