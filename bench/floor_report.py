@@ -4,6 +4,12 @@ The floor (``bench.floor``) is a bare grpc.aio server answering from memory on t
 the same loads: what gRPC and Python cost per call and per message before any gateway code runs.
 ``evaluate_floor`` gives one row per target (floor value, gateway value, the relative figure, met
 or not); ``markdown_floor`` renders them with the ``WORKERS=1`` / ``WORKERS=2`` runs.
+
+The relay floors (``bench.floor --relay``, stage ``relay``) split the gap: the floor plus the upstream
+leg as a raw HTTP exchange (what any relay pays in the kernel and the loop), then through the
+gateway's own provider (request body, pool, llhttp, SSE and JSON decoding). ``relay_steps`` gives,
+per figure, the four servers in order and what each step adds, and the budget a target leaves for
+the gateway's own per-call work once the upstream leg is paid.
 """
 
 from __future__ import annotations
@@ -118,6 +124,91 @@ def evaluate_floor(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+RELAY_STEPS = (
+    ("floor", "floor: bare grpc.aio from memory"),
+    ("relay_raw", "+ upstream leg, raw exchange"),
+    ("relay_provider", "+ upstream leg through the gateway's provider"),
+    ("gateway", "gateway"),
+)
+
+
+def relay_steps(results: dict[str, Any]) -> dict[str, Any]:
+    """The four servers' figures (unary CPU per call at c=64, c=1 p50, one-token messages/s) and
+    the budgets the per-core targets leave beyond the provider relay; {} without the relay floors."""
+    targets = results.get("targets", {})
+    if not all(t in targets for t, _ in RELAY_STEPS):
+        return {}
+    figures = {
+        t: {
+            "cpu_us": _get(results, t, "c64_unary", "sut", "cpu_us_per_request"),
+            "c1_p50_ms": _get(results, t, "c1_unary", "latency_ms", "p50"),
+            "msgs_per_s": _get(results, t, "c256_stream_paced", "chunks_per_s"),
+        }
+        for t, _ in RELAY_STEPS
+    }
+    out: dict[str, Any] = {"figures": figures}
+    fl, prov, gw = (figures[t]["cpu_us"] for t in ("floor", "relay_provider", "gateway"))
+    if fl and prov and gw:
+        out["cpu"] = {
+            "allowed_us": CPU_RATIO_MAX * fl,
+            "left_after_provider_us": CPU_RATIO_MAX * fl - prov,
+            "gateway_beyond_provider_us": gw - prov,
+        }
+    fl, prov, gw = (figures[t]["c1_p50_ms"] for t in ("floor", "relay_provider", "gateway"))
+    if fl and prov and gw:
+        out["c1"] = {
+            "allowed_ms": fl + C1_P50_EXTRA_MAX_MS,
+            "left_after_provider_ms": fl + C1_P50_EXTRA_MAX_MS - prov,
+            "gateway_beyond_provider_ms": gw - prov,
+        }
+    return out
+
+
+def markdown_relays(results: dict[str, Any]) -> list[str]:
+    """The 'Where the gateway's cost goes' section (empty without the relay floors)."""
+    steps = relay_steps(results)
+    if not steps:
+        return []
+    figs = steps["figures"]
+    fl = figs["floor"]
+    out = [
+        "## Where the gateway's cost goes (relay floors)",
+        "",
+        "The floor has no upstream; the gateway cannot avoid one. The relay floors are the floor plus that leg "
+        "and nothing else (`bench/floor.py --relay`): first as a raw exchange (fixed request bytes on kept-alive "
+        "connections, the answer only scanned for its end), then through the gateway's own provider.",
+        "",
+        "| Server | unary CPU per call, c=64 (us) | x floor | c=1 unary p50 (ms) | over floor (ms) "
+        "| one-token messages/s, c=256 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for key, title in RELAY_STEPS:
+        f = figs[key]
+        ratio = _ratio(f["cpu_us"], fl["cpu_us"])
+        over = None if f["c1_p50_ms"] is None or fl["c1_p50_ms"] is None else f["c1_p50_ms"] - fl["c1_p50_ms"]
+        out.append(
+            f"| {title} | {_f(f['cpu_us'], 0)} | {_f(ratio)} | {_f(f['c1_p50_ms'], 3)} | {_f(over, 3)} "
+            f"| {_f(f['msgs_per_s'], 0)} |"
+        )
+    cpu, c1 = steps.get("cpu"), steps.get("c1")
+    out.append("")
+    if cpu:
+        out.append(
+            f"At {CPU_RATIO_MAX}x the floor a unary call may cost {cpu['allowed_us']:.0f} us of CPU; the relay through "
+            f"the gateway's provider already costs {figs['relay_provider']['cpu_us']:.0f} us, which leaves "
+            f"{cpu['left_after_provider_us']:.0f} us for everything else the gateway does per call (authentication, "
+            f"validation, tenant policy and limits, routing and circuits, ledger and cost, telemetry, the access "
+            f"line); that measures {cpu['gateway_beyond_provider_us']:.0f} us here."
+        )
+    if c1:
+        out.append(
+            f"At c=1 the target allows a p50 of {c1['allowed_ms']:.3f} ms; the provider relay is at "
+            f"{figs['relay_provider']['c1_p50_ms']:.3f} ms ({c1['left_after_provider_ms']:+.3f} ms left), the gateway "
+            f"{c1['gateway_beyond_provider_ms']:+.3f} ms beyond it."
+        )
+    return [*out, ""]
+
+
 def _f(v: Any, digits: int = 2) -> str:
     if not isinstance(v, (int, float)):
         return "-"
@@ -169,4 +260,4 @@ def markdown_floor(results: dict[str, Any]) -> list[str]:
                 f"| {_f(per_core_rps(run), 0)} | {_f(run.get('client_cpu_util_pct'), 0)} "
                 f"| {_f(run.get('upstream_cpu_util_pct'), 0)} | {_f(run.get('machine_cpu_busy_pct'), 0)} |"
             )
-    return [*out, ""]
+    return [*out, "", *markdown_relays(results)]

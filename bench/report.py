@@ -16,6 +16,8 @@ from bench.floor_report import evaluate_floor, markdown_floor
 TARGET_NAMES = {
     "direct": "direct (baseline)",
     "floor": "floor (bare grpc.aio)",
+    "relay_raw": "relay floor, raw exchange",
+    "relay_provider": "relay floor, gateway's provider",
     "gateway": "gateway",
     "litellm": "LiteLLM",
 }

@@ -54,7 +54,10 @@ from bench.scenarios import (
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024
-STAGES = ("direct", "floor", "gateway", "workers", "fallback", "litellm")
+STAGES = ("direct", "floor", "relay", "gateway", "workers", "fallback", "litellm")
+# The relay floors (``bench.floor --relay``) run the scenarios the per-core targets read.
+RELAY_SCENARIOS = ("c1_unary", "c64_unary", "c256_unary", "c256_stream_paced")
+RELAY_CLIENTS = ("raw", "provider")
 LITELLM_VENV = ROOT / "bench" / ".venv-litellm"
 # Variables of the caller's environment that would change what the gateway does.
 _GATEWAY_ENV_PREFIXES = (
@@ -136,10 +139,15 @@ class Bench:
         self.upstream_pid = proc.pid
         log(f"fake upstream on {self.upstream_url} (pid {proc.pid})")
 
-    def start_floor(self, name: str = "floor", processes: int = 1, cpu: int | str | None = "sut") -> tuple[Any, str]:
-        """The floor (``bench.floor``: bare grpc.aio from memory), by default on the SUT core."""
+    def start_floor(
+        self, name: str = "floor", processes: int = 1, cpu: int | str | None = "sut", relay: str = ""
+    ) -> tuple[Any, str]:
+        """The floor (``bench.floor``: bare grpc.aio from memory), by default on the SUT core;
+        ``relay`` (``raw`` or ``provider``): the relay floor of that client, to the fake upstream."""
         port = free_port()
         cmd = [sys.executable, "-m", "bench.floor", "--port", str(port), "--processes", str(processes)]
+        if relay:
+            cmd += ["--relay", self.upstream_url, "--relay-client", relay]
         proc = self.group.start(name, cmd, env=_env(), cpu=self.sut_cpu if cpu == "sut" else cpu)  # type: ignore[arg-type]
         target = f"127.0.0.1:{port}"
         wait_until(lambda: grpc_serving(target), 30, proc, name)
@@ -236,12 +244,17 @@ class Bench:
         )
         return summary
 
-    def run_target(self, name: str, target: str, address: str, sut_pid: int) -> None:
-        """Every scenario against one target; results land in ``self.results`` as they come."""
+    def run_target(
+        self, name: str, target: str, address: str, sut_pid: int, only: tuple[str, ...] | None = None
+    ) -> None:
+        """Every scenario (or those in ``only``) against one target; results land in
+        ``self.results`` as they come."""
         log(f"target {name}")
         entry: dict[str, Any] = {"address": address, "idle_rss_mb": rss_bytes(sut_pid) / MB, "scenarios": {}}
         self.results["targets"][name] = entry
         for sc in self.scenarios:
+            if only is not None and sc.key not in only:
+                continue
             try:
                 entry["scenarios"][sc.key] = self.measure(sc, self.spec(sc, target, address), sut_pid)
             except Exception as exc:  # one broken scenario must not lose the others
@@ -306,6 +319,16 @@ class Bench:
             self.run_target("floor", "grpc", target, proc.pid)
         finally:
             self.group.stop(proc)
+
+    def relay(self) -> None:
+        """The relay floors: the floor plus the upstream leg, over a raw exchange and over the
+        gateway's own provider (``bench.floor --relay``), on the scenarios the per-core targets read."""
+        for client in RELAY_CLIENTS:
+            proc, target = self.start_floor(f"relay_{client}", relay=client)
+            try:
+                self.run_target(f"relay_{client}", "grpc", target, proc.pid, only=RELAY_SCENARIOS)
+            finally:
+                self.group.stop(proc)
 
     def workers(self) -> None:
         """``WORKERS=1`` vs ``WORKERS=2`` (and the floor with 1 and 2 processes), nothing pinned.
@@ -435,6 +458,8 @@ class Bench:
                 self.run_target("direct", "http", self.upstream_url, self.upstream_pid)
             if "floor" in only:
                 self.floor()
+            if "relay" in only and not self.quick:
+                self.relay()
             if "gateway" in only:
                 self.gateway()
             if "workers" in only:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.floor_report import evaluate_floor
+from bench.floor_report import evaluate_floor, relay_steps
 from bench.loadgen import LoadSpec, run_load
 from bench.procs import ProcessGroup, free_port, grpc_serving, http_ok, process_tree, wait_until
 from bench.report import evaluate, markdown
@@ -137,6 +137,55 @@ def test_floor_closed_loop(stack: tuple[str, str, str], rpc: str) -> None:
     if rpc == "stream":
         assert result["gap_ms"]["n"] == 7 * result["latency_ms"]["n"]  # type: ignore[index]
         assert result["ttft_ms"]["p50"] >= 1.5  # type: ignore[index]  # paced like the upstream: 2 ms a token
+
+
+@pytest.mark.parametrize("client", ["raw", "provider"])
+@pytest.mark.parametrize("rpc", ["unary", "stream"])
+def test_relay_floor_goes_upstream(stack: tuple[str, str, str], tmp_path: Path, client: str, rpc: str) -> None:
+    """``--relay`` answers every call through the fake upstream, and stops with its group."""
+    with ProcessGroup(tmp_path) as group:
+        port = free_port()
+        cmd = [sys.executable, "-m", "bench.floor", "--port", str(port), "--relay", stack[0], "--relay-client", client]
+        relay = group.start(f"relay_{client}", cmd)
+        target = f"127.0.0.1:{port}"
+        wait_until(lambda: grpc_serving(target), 30, relay, "relay floor")
+        result = _tiny("grpc", target, rpc)
+        _sane(result, stream=rpc == "stream")
+        if rpc == "stream":
+            assert result["tokens_per_s"] > 0  # type: ignore[operator]
+        group.stop(relay)
+        if rpc == "stream":
+            return
+        # The answers came from upstream: with none there, every call fails.
+        dead = free_port()
+        cmd[cmd.index(stack[0])] = f"http://127.0.0.1:{free_port()}"
+        cmd[cmd.index(str(port))] = str(dead)
+        orphan = group.start(f"relay_{client}_no_upstream", cmd)
+        wait_until(lambda: grpc_serving(f"127.0.0.1:{dead}"), 30, orphan, "relay floor without upstream")
+        failed = _tiny("grpc", f"127.0.0.1:{dead}", rpc)
+        assert failed["errors_all"] and not failed["completed_all"], failed
+        group.stop(orphan)
+
+
+def test_relay_steps_leave_the_budget_after_the_upstream_leg() -> None:
+    """The relay section: each server's figures in order and what the 1.8x / +0.25 ms targets leave."""
+    fl = {"cpu": 200.0, "p50": 0.5, "msgs": 20_000.0, "rps": 4000.0}
+    results = _results({"cpu": 500.0, "p50": 0.9, "msgs": 9_000.0, "rps": 2000.0}, fl, 1000, 1600)
+    assert relay_steps(results) == {}  # no relay floors in this run: no section
+    targets = results["targets"]
+    assert isinstance(targets, dict)
+    raw = _results(fl, {"cpu": 210.0, "p50": 0.6, "msgs": 18_000.0, "rps": 3800.0}, 0, 0)["targets"]
+    prov = _results(fl, {"cpu": 330.0, "p50": 0.7, "msgs": 15_000.0, "rps": 3000.0}, 0, 0)["targets"]
+    targets["relay_raw"] = raw["floor"]  # type: ignore[index]
+    targets["relay_provider"] = prov["floor"]  # type: ignore[index]
+    steps = relay_steps(results)
+    assert steps["cpu"]["allowed_us"] == pytest.approx(360.0)
+    assert steps["cpu"]["left_after_provider_us"] == pytest.approx(30.0)
+    assert steps["cpu"]["gateway_beyond_provider_us"] == pytest.approx(170.0)
+    assert steps["c1"]["left_after_provider_ms"] == pytest.approx(0.05)
+    results["floor_evaluation"] = evaluate_floor(results)
+    text = markdown(results)
+    assert "Where the gateway's cost goes" in text and "leaves 30 us" in text
 
 
 def test_floor_processes_share_a_port(tmp_path: Path) -> None:
