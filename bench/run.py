@@ -2,7 +2,7 @@
 
 One command::
 
-    .venv/bin/python -m bench.run --out bench/results            # full run, ~5-8 minutes
+    .venv/bin/python -m bench.run --out bench/results            # full run, ~8 minutes
     .venv/bin/python -m bench.run --quick --out /tmp/bench-quick  # a few-second smoke (no LiteLLM)
 
 Placement on the 2-core machine: the system under test (the gateway or LiteLLM) runs alone on core
