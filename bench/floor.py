@@ -53,13 +53,15 @@ _PACE_S = {GAP_MODEL: GAP_DELAY_MS / 1000.0, PACED_MODEL: PACED_DELAY_MS / 1000.
 
 
 class _RawConnection(asyncio.Protocol):
-    """One kept-alive HTTP/1.1 connection that only looks for the end of a chunked answer."""
+    """One kept-alive HTTP/1.1 connection that only looks for the end of a chunked answer (the fake
+    upstream's 200 answers are chunked; anything else would never end: a benchmark tool, no client)."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.waiter: asyncio.Future[None] | None = None
         self.tail = b""
         self.on_data: Any = None
+        self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -74,6 +76,7 @@ class _RawConnection(asyncio.Protocol):
         self.tail = tail[-5:]
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_exception(exc or ConnectionError("upstream closed the connection"))
 
@@ -110,6 +113,8 @@ class RawRelay:
     async def exchange(self, model: str, n: int, on_data: Any = None) -> None:
         """One request and its whole answer on a kept-alive connection."""
         conn = self._idle.pop() if self._idle else None
+        while conn is not None and conn.closed:  # the upstream closed it while idle
+            conn = self._idle.pop() if self._idle else None
         if conn is None:
             loop = asyncio.get_running_loop()
             _, conn = await loop.create_connection(_RawConnection, self._host, self._port)
@@ -126,17 +131,20 @@ class ProviderRelay:
     """The gateway's own provider and nothing else of the gateway."""
 
     def __init__(self, url: str) -> None:
+        # Imported here, once: the floor without --relay runs no gateway code at all.
+        from service.providers.base import ChatMessage, ChatRequest, StreamEnd
         from service.providers.openai_compat import OpenAICompatConfig, OpenAICompatProvider
 
+        self.message, self.request, self.end = ChatMessage, ChatRequest, StreamEnd
         self.provider = OpenAICompatProvider(
             OpenAICompatConfig(name="relay", base_url=url, model=DEFAULT_MODEL, max_connections=4096)
         )
 
     def stream(self, request: Any) -> Any:
-        from service.providers.base import ChatMessage, ChatRequest
-
-        domain = ChatRequest(
-            messages=tuple(ChatMessage(role="user", content=m.content) for m in request.messages),
+        """The provider's stream for the proto request (as the servicer's translation would make it)."""
+        message = self.message
+        domain = self.request(
+            messages=tuple(message(role="user", content=m.content) for m in request.messages),
             model=request.model or None,
             max_tokens=request.max_tokens if request.HasField("max_tokens") else 16,
         )
@@ -201,13 +209,12 @@ class FloorServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
         return self._unary_for(model, n)
 
     async def _relay_unary(self, request: pb.ChatRequest) -> pb.ChatResponse:
-        from service.providers.base import StreamEnd
-
         assert isinstance(self._relay, ProviderRelay)
+        stream_end = self._relay.end
         texts: list[str] = []
         end: Any = None
         async for item in self._relay.stream(request):
-            if isinstance(item, StreamEnd):
+            if isinstance(item, stream_end):
                 end = item
             elif isinstance(item, str):
                 texts.append(item)
