@@ -255,16 +255,18 @@ class FloorServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
     ) -> AsyncIterator[pb.ChatStreamResponse]:
         """One delta message per upstream token, as it arrives."""
         if isinstance(self._relay, RawRelay):
+            # Tokens counted per read (an SSE event split across two reads may be missed: the stream
+            # still ends, with the answer's end, not with a count).
             queue: asyncio.Queue[int] = asyncio.Queue()
             task = asyncio.ensure_future(
-                self._relay.exchange(model, n, lambda data: queue.put_nowait(data.count(b'"content":" tok"')))
+                self._relay.exchange(
+                    model, n, lambda data: queue.put_nowait(data.count(b'"content":"') - data.count(b'"content":""'))
+                )
             )
-            sent = 0
-            while sent < n:
-                got = await queue.get()
+            task.add_done_callback(lambda _: queue.put_nowait(-1))
+            while (got := await queue.get()) >= 0:
                 for _ in range(got):
                     yield delta
-                sent += got
             await task
             return
         assert self._relay is not None
