@@ -38,6 +38,20 @@ async def next_status(watch: Any) -> int:
     return int((await asyncio.wait_for(watch.read(), 5)).status)
 
 
+async def statuses_through_shutdown(running: Any, names: tuple[str, ...]) -> tuple[list[int], list[int]]:
+    """Watches ``names``, stops the gateway as SIGTERM does; the statuses before and during the stop."""
+    stub = health_pb2_grpc.HealthStub(running.channel)
+    # Watchers opened before the shutdown (as Envoy's or a client's health watch would be).
+    watches = [stub.Watch(health_pb2.HealthCheckRequest(service=name)) for name in names]
+    before = [await next_status(w) for w in watches]
+    stopping = asyncio.create_task(running.gateway.stop(grace_s=2.0))
+    during = [await next_status(w) for w in watches]
+    for w in watches:
+        w.cancel()
+    await stopping
+    return before, during
+
+
 async def test_every_provider_down_is_not_ready_but_alive_until_shutdown() -> None:
     running = await start_gateway(chain_settings(None, Refused()))
     stopped = False
@@ -52,13 +66,9 @@ async def test_every_provider_down_is_not_ready_but_alive_until_shutdown() -> No
         assert not await asyncio.to_thread(check, env)
         assert await asyncio.to_thread(check, env, 4.0, LIVENESS_SERVICE)
 
-        live = stub.Watch(health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE))
-        assert await next_status(live) == SERVING
-        stopping = asyncio.create_task(running.gateway.stop(grace_s=2.0))
-        assert await next_status(live) == NOT_SERVING
-        live.cancel()
-        await stopping
+        before, during = await statuses_through_shutdown(running, (LIVENESS_SERVICE,))
         stopped = True
+        assert (before, during) == ([SERVING], [NOT_SERVING])
     finally:
         await running.channel.close()
         if not stopped:
@@ -70,17 +80,10 @@ async def test_graceful_shutdown_turns_readiness_and_liveness_not_serving() -> N
     running = await start_gateway(chain_settings(None, upstream))
     stopped = False
     try:
-        stub = health_pb2_grpc.HealthStub(running.channel)
-        names = ("", SERVICE_NAME, LIVENESS_SERVICE)
-        # Watchers opened before the shutdown (as Envoy's or a client's health watch would be).
-        watches = [stub.Watch(health_pb2.HealthCheckRequest(service=name)) for name in names]
-        assert [await next_status(w) for w in watches] == [SERVING] * 3
-        stopping = asyncio.create_task(running.gateway.stop(grace_s=2.0))  # what SIGTERM runs
-        assert [await next_status(w) for w in watches] == [NOT_SERVING] * 3
-        for w in watches:
-            w.cancel()
-        await stopping
+        before, during = await statuses_through_shutdown(running, ("", SERVICE_NAME, LIVENESS_SERVICE))
         stopped = True
+        assert before == [SERVING] * 3
+        assert during == [NOT_SERVING] * 3
     finally:
         await running.channel.close()
         if not stopped:
